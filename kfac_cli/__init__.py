@@ -1,0 +1,38 @@
+"""kfac-cli: KFAC curvature preprocessing from the shell.
+
+The public Python API (imported lazily, so that ``import kfac_cli`` and ``kfac-cli --help``
+do not import torch):
+
+- :func:`extract_patches`, :func:`extract_averaged_patches` (KFAC-expand / -reduce inputs),
+- :func:`to_canonical`, :func:`from_canonical` (the canonical parameter layout),
+- :class:`KFACType`, :class:`FisherType`, :class:`ConvParams`, :class:`KfacCliError`,
+- :func:`load_layer_table` (a model checkpoint's layer table).
+"""
+
+from __future__ import annotations
+
+import importlib
+
+__version__ = "0.1.0"
+
+_API = {
+    "extract_patches": "kfac_cli.patches",
+    "extract_averaged_patches": "kfac_cli.patches",
+    "to_canonical": "kfac_cli.canonical",
+    "from_canonical": "kfac_cli.canonical",
+    "ParamGroup": "kfac_cli.canonical",
+    "KFACType": "kfac_cli.enums",
+    "FisherType": "kfac_cli.enums",
+    "ConvParams": "kfac_cli.conv",
+    "KfacCliError": "kfac_cli.errors",
+    "load_layer_table": "kfac_cli.checkpoints",
+    "LayerTable": "kfac_cli.layers",
+}
+
+__all__ = ["__version__", *_API]
+
+
+def __getattr__(name: str):
+    if name in _API:
+        return getattr(importlib.import_module(_API[name]), name)
+    raise AttributeError(f"module 'kfac_cli' has no attribute {name!r}")

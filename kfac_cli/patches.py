@@ -1,0 +1,238 @@
+"""Patches (KFAC-expand) and averaged patches (KFAC-reduce) of convolution inputs.
+
+Layouts, as fixed by SPEC.md, for an input ``x: [B, C_in, I_1..I_N]``:
+
+- ``patches``: ``[B, O_1*...*O_N, (C_in/G)*K_1*...*K_N]``; rows are output locations in
+  row-major order, columns ``(c, k_1, ..., k_N)`` with ``c`` slowest, matching
+  ``W.flatten(1)``. So ``patches[b] @ W.flatten(1).T == conv(x, W)[b].flatten(1).T``.
+- ``averaged``: ``[B, (C_in/G)*K_1*...*K_N]``, the mean of ``patches`` over its rows,
+  computed without materialising ``patches``.
+
+Channel groups are averaged first (group index slow), and a ``bias_column`` appends a
+column of ones (joint weight+bias treatment).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from math import prod
+
+import torch
+import torch.nn.functional as F
+from einops import rearrange
+from torch import Tensor
+
+from kfac_cli.conv import ConvParams
+from kfac_cli.enums import KFACType
+from kfac_cli.errors import KfacCliError
+
+
+def _check_dtype(x: Tensor) -> None:
+    if not x.dtype.is_floating_point:
+        raise KfacCliError(None, None, "a floating-point dtype", f"dtype {x.dtype}")
+
+
+def group_mean(x: Tensor, groups: int) -> Tensor:
+    """Average the channel groups: ``[B, (G c), *I] -> [B, c, *I]`` (group index slow)."""
+    if groups == 1:
+        return x
+    return rearrange(x, "b (g c) ... -> b g c ...", g=groups).mean(1)
+
+
+def _pad(x: Tensor, pads: Sequence[tuple[int, int]], mode: str) -> Tensor:
+    """Pad the spatial dims of ``[B, C, *I]`` with ``(left, right)`` per dim."""
+    flat = [v for pair in reversed(pads) for v in pair]  # F.pad wants the last dim first
+    if not any(flat):
+        return x
+    if mode == "zeros":
+        return F.pad(x, flat)
+    return F.pad(x, flat, mode=mode)
+
+
+def _with_bias_column(shape: Sequence[int], bias_column: bool, like: Tensor) -> Tensor:
+    """An uninitialised ``[*shape[:-1], shape[-1] (+1)]`` buffer, the ones column filled."""
+    out = torch.empty(
+        (*shape[:-1], shape[-1] + int(bias_column)), dtype=like.dtype, device=like.device
+    )
+    if bias_column:
+        out[..., -1] = 1
+    return out
+
+
+def conv_patches(x: Tensor, params: ConvParams, bias_column: bool = False) -> Tensor:
+    """KFAC-expand patches of a convolution input.
+
+    Args:
+        x: Input ``[B, C_in, I_1..I_N]``.
+        params: The convolution's hyper-parameters (N = ``params.ndim``).
+        bias_column: Append a column of ones.
+
+    Returns:
+        ``[B, O_1*..*O_N, (C_in/G)*K_1*..*K_N (+1)]``.
+    """
+    _check_dtype(x)
+    out_size = params.check_input(x.shape)
+    x = group_mean(x, params.groups)
+    xp = _pad(x, params.pads(), params.padding_mode).contiguous()
+    batch, channels = xp.shape[:2]
+    # A zero-copy view of all patches: [B, O_1..O_N, C, K_1..K_N] over the padded input.
+    s_b, s_c, *s_i = xp.stride()
+    view = xp.as_strided(
+        (batch, *out_size, channels, *params.kernel_size),
+        (
+            s_b,
+            *(s * st for s, st in zip(params.stride, s_i)),
+            s_c,
+            *(d * st for d, st in zip(params.dilation, s_i)),
+        ),
+        xp.storage_offset(),
+    )
+    cols = channels * prod(params.kernel_size)
+    out = _with_bias_column((batch, prod(out_size), cols), bias_column, xp)
+    dst = out[..., :cols].unflatten(2, (channels, *params.kernel_size)).unflatten(1, out_size)
+    dst.copy_(view)
+    return out
+
+
+def averaged_index_pattern(
+    input_size: int,
+    kernel_size: int,
+    stride: int,
+    dilation: int,
+    pad_left: int,
+    output_size: int,
+    dtype: torch.dtype,
+    device: torch.device,
+) -> Tensor:
+    """Index pattern of one spatial dim, averaged over output locations.
+
+    Returns:
+        ``[K, I]``: entry ``(k, i)`` is the fraction of output locations ``o`` whose tap ``k``
+        reads input ``i`` (``o*S + k*D - P_left == i``); taps that read padding drop out.
+    """
+    o = torch.arange(output_size, device=device)
+    k = torch.arange(kernel_size, device=device)
+    idx = o[None, :] * stride + k[:, None] * dilation - pad_left  # [K, O]
+    valid = (idx >= 0) & (idx < input_size)
+    counts = torch.zeros(kernel_size, input_size, dtype=torch.float64, device=device)
+    rows = k[:, None].expand_as(idx)[valid]
+    counts.index_put_(
+        (rows, idx[valid]), torch.ones_like(rows, dtype=torch.float64), accumulate=True
+    )
+    return (counts / output_size).to(dtype)
+
+
+def conv_averaged_patches(x: Tensor, params: ConvParams, bias_column: bool = False) -> Tensor:
+    """KFAC-reduce averaged patches of a convolution input, without unfolding.
+
+    One contraction per spatial dim with that dim's averaged index pattern, so the extra
+    memory is of the order of the input, never ``K_1*..*K_N`` times it.
+
+    Args:
+        x: Input ``[B, C_in, I_1..I_N]``.
+        params: The convolution's hyper-parameters.
+        bias_column: Append a column of ones.
+
+    Returns:
+        ``[B, (C_in/G)*K_1*..*K_N (+1)]``.
+    """
+    _check_dtype(x)
+    out_size = params.check_input(x.shape)
+    x = group_mean(x, params.groups)
+    pads = params.pads()
+    if params.padding_mode != "zeros":
+        x = _pad(x, pads, params.padding_mode)
+        pads = tuple((0, 0) for _ in pads)
+    t = x
+    for n in reversed(range(params.ndim)):
+        pattern = averaged_index_pattern(
+            x.shape[2 + n],
+            params.kernel_size[n],
+            params.stride[n],
+            params.dilation[n],
+            pads[n][0],
+            out_size[n],
+            x.dtype,
+            x.device,
+        )
+        t = torch.matmul(t.movedim(2 + n, -1), pattern.T).movedim(-1, 2 + n)
+    batch = x.shape[0]
+    cols = t[0].numel()
+    out = _with_bias_column((batch, cols), bias_column, x)
+    out[:, :cols] = t.reshape(batch, cols)
+    return out
+
+
+def linear_patches(x: Tensor, bias_column: bool = False) -> Tensor:
+    """KFAC-expand input of a linear layer: ``[B, ..., d_in] -> [B, S, d_in (+1)]``."""
+    _check_dtype(x)
+    if x.ndim < 2:
+        raise KfacCliError(None, None, "rank >= 2 [B, ..., d_in]", f"shape {list(x.shape)}")
+    flat = x.reshape(x.shape[0], -1, x.shape[-1])
+    if not bias_column:
+        return flat.contiguous()
+    out = _with_bias_column(flat.shape, True, flat)
+    out[..., :-1] = flat
+    return out
+
+
+def linear_averaged_patches(x: Tensor, bias_column: bool = False) -> Tensor:
+    """KFAC-reduce input of a linear layer: ``[B, ..., d_in] -> [B, d_in (+1)]``."""
+    flat = linear_patches(x)
+    out = _with_bias_column((flat.shape[0], flat.shape[2]), bias_column, flat)
+    out[:, : flat.shape[2]] = flat.mean(1)
+    return out
+
+
+def extract_patches(
+    x: Tensor,
+    kernel_size: int | Sequence[int],
+    stride: int | Sequence[int] = 1,
+    padding: int | str | Sequence[int] | Sequence[Sequence[int]] = 0,
+    dilation: int | Sequence[int] = 1,
+    groups: int = 1,
+    padding_mode: str = "zeros",
+    *,
+    bias_column: bool = False,
+) -> Tensor:
+    """KFAC-expand patches ``[B, O, (C_in/G)*K (+1)]`` of a conv input ``[B, C_in, *I]``.
+
+    Hyper-parameters as in ``torch.nn.ConvNd``; N follows from ``x.ndim - 2``.
+    """
+    params = ConvParams.create(
+        kernel_size, stride, padding, dilation, groups, padding_mode, n=x.ndim - 2
+    )
+    return conv_patches(x, params, bias_column)
+
+
+def extract_averaged_patches(
+    x: Tensor,
+    kernel_size: int | Sequence[int],
+    stride: int | Sequence[int] = 1,
+    padding: int | str | Sequence[int] | Sequence[Sequence[int]] = 0,
+    dilation: int | Sequence[int] = 1,
+    groups: int = 1,
+    padding_mode: str = "zeros",
+    *,
+    bias_column: bool = False,
+) -> Tensor:
+    """KFAC-reduce averaged patches ``[B, (C_in/G)*K (+1)]`` of a conv input ``[B, C_in, *I]``.
+
+    Hyper-parameters as in ``torch.nn.ConvNd``; N follows from ``x.ndim - 2``.
+    """
+    params = ConvParams.create(
+        kernel_size, stride, padding, dilation, groups, padding_mode, n=x.ndim - 2
+    )
+    return conv_averaged_patches(x, params, bias_column)
+
+
+def layer_patches(
+    x: Tensor, params: ConvParams | None, approx: KFACType | str, bias_column: bool = False
+) -> Tensor:
+    """Dispatch on layer kind (``params is None``: linear) and approximation."""
+    reduce = KFACType(approx) is KFACType.REDUCE
+    if params is None:
+        return linear_averaged_patches(x, bias_column) if reduce else linear_patches(x, bias_column)
+    if reduce:
+        return conv_averaged_patches(x, params, bias_column)
+    return conv_patches(x, params, bias_column)

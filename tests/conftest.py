@@ -1,0 +1,39 @@
+"""Shared fixtures and helpers."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+
+CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+DEVICES = ["cpu", pytest.param("cuda", marks=[CUDA, pytest.mark.cuda])]
+
+
+def kfac_cli_exe() -> list[str]:
+    """The installed console script (next to this Python), else ``python -m kfac_cli``."""
+    exe = Path(sys.executable).with_name("kfac-cli")
+    if exe.exists():
+        return [str(exe)]
+    found = shutil.which("kfac-cli")
+    return [found] if found else [sys.executable, "-m", "kfac_cli"]
+
+
+def run_cli(*args: object, check: bool = False, env: dict | None = None, **kw):
+    """Run the real CLI as a subprocess; return the CompletedProcess (bytes stdout)."""
+    full_env = {**os.environ, "PYTHONWARNINGS": "ignore", **(env or {})}
+    proc = subprocess.run(
+        [*kfac_cli_exe(), *map(str, args)], capture_output=True, env=full_env, timeout=300, **kw
+    )
+    if check and proc.returncode != 0:
+        raise AssertionError(
+            f"kfac-cli {args} exited {proc.returncode}:\n{proc.stderr.decode(errors='replace')}"
+        )
+    return proc
