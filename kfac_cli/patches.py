@@ -59,13 +59,17 @@ def _with_bias_column(shape: Sequence[int], bias_column: bool, like: Tensor) -> 
     return out
 
 
-def conv_patches(x: Tensor, params: ConvParams, bias_column: bool = False) -> Tensor:
+def conv_patches(
+    x: Tensor, params: ConvParams, bias_column: bool = False, out: Tensor | None = None
+) -> Tensor:
     """KFAC-expand patches of a convolution input.
 
     Args:
         x: Input ``[B, C_in, I_1..I_N]``.
         params: The convolution's hyper-parameters (N = ``params.ndim``).
         bias_column: Append a column of ones.
+        out: Optional contiguous buffer of the result's shape and dtype to write into
+            (reusing one buffer avoids the cost of touching fresh memory).
 
     Returns:
         ``[B, O_1*..*O_N, (C_in/G)*K_1*..*K_N (+1)]``.
@@ -88,7 +92,14 @@ def conv_patches(x: Tensor, params: ConvParams, bias_column: bool = False) -> Te
         xp.storage_offset(),
     )
     cols = channels * prod(params.kernel_size)
-    out = _with_bias_column((batch, prod(out_size), cols), bias_column, xp)
+    shape = (batch, prod(out_size), cols + int(bias_column))
+    if out is None:
+        out = _with_bias_column((*shape[:2], cols), bias_column, xp)
+    else:
+        if tuple(out.shape) != shape or out.dtype != xp.dtype or not out.is_contiguous():
+            raise ValueError(f"out must be a contiguous {xp.dtype} tensor of shape {shape}")
+        if bias_column:
+            out[..., -1] = 1
     dst = out[..., :cols].unflatten(2, (channels, *params.kernel_size)).unflatten(1, out_size)
     dst.copy_(view)
     return out
@@ -226,13 +237,39 @@ def extract_averaged_patches(
     return conv_averaged_patches(x, params, bias_column)
 
 
+def output_shape(
+    input_shape: Sequence[int],
+    params: ConvParams | None,
+    approx: KFACType | str,
+    bias_column: bool = False,
+) -> tuple[int, ...]:
+    """Shape of :func:`layer_patches`' result, checked and computed without any data."""
+    reduce = KFACType(approx) is KFACType.REDUCE
+    if params is None:
+        if len(input_shape) < 2:
+            raise KfacCliError(None, None, "rank >= 2 [B, ..., d_in]", f"shape {list(input_shape)}")
+        rows = prod(input_shape[1:-1])
+        cols = input_shape[-1] + int(bias_column)
+        return (input_shape[0], cols) if reduce else (input_shape[0], rows, cols)
+    out_size = params.check_input(input_shape)
+    cols = params.patch_size(input_shape[1]) + int(bias_column)
+    return (input_shape[0], cols) if reduce else (input_shape[0], prod(out_size), cols)
+
+
 def layer_patches(
-    x: Tensor, params: ConvParams | None, approx: KFACType | str, bias_column: bool = False
+    x: Tensor,
+    params: ConvParams | None,
+    approx: KFACType | str,
+    bias_column: bool = False,
+    out: Tensor | None = None,
 ) -> Tensor:
-    """Dispatch on layer kind (``params is None``: linear) and approximation."""
+    """Dispatch on layer kind (``params is None``: linear) and approximation.
+
+    ``out`` (expand of a conv only) is a buffer to write into; other cases ignore it.
+    """
     reduce = KFACType(approx) is KFACType.REDUCE
     if params is None:
         return linear_averaged_patches(x, bias_column) if reduce else linear_patches(x, bias_column)
     if reduce:
         return conv_averaged_patches(x, params, bias_column)
-    return conv_patches(x, params, bias_column)
+    return conv_patches(x, params, bias_column, out)

@@ -1,0 +1,543 @@
+"""The commands' work as library functions: checkpoint + tensors in, safetensors out.
+
+Each job checks everything it can before computing (shapes, names, dtypes, the output
+path), then streams: one layer (or block) is read, computed and written at a time, in batch
+chunks, so memory is bounded by the largest layer and never by the whole file.
+"""
+
+from __future__ import annotations
+
+import difflib
+import json
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from kfac_cli import __version__
+from kfac_cli.canonical import (
+    ParamGroup,
+    block_shape,
+    check_groups,
+    group_from_canonical,
+    group_to_canonical,
+)
+from kfac_cli.checkpoints import load_layer_table
+from kfac_cli.devices import resolve_device, resolve_dtype
+from kfac_cli.enums import KFACType
+from kfac_cli.errors import KfacCliError
+from kfac_cli.layers import Layer, LayerTable
+from kfac_cli.output import atomic_output, check_target
+from kfac_cli.patches import layer_patches, output_shape
+from kfac_cli.tensorfile import DTYPE_NAMES, DTYPES, SafetensorsWriter, TensorSource, open_tensors
+
+LAYOUT_VERSION = "1"
+CHUNK_BYTES = 8 * 2**20  # output bytes per batch chunk: large enough to amortise, small enough
+
+
+@dataclass
+class Reporter:
+    """Callbacks through which a job reports progress and warnings (no terminal here)."""
+
+    start: Callable[[int], None] = lambda total_bytes: None
+    advance: Callable[[str, int], None] = lambda key, nbytes: None
+    warn: Callable[[str], None] = lambda message: None
+
+
+@dataclass
+class _Plan:
+    key: str
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+    meta: dict = field(default_factory=dict)
+
+    @property
+    def nbytes(self) -> int:
+        return math.prod(self.shape) * self.dtype.itemsize
+
+
+def _order(plans: list[_Plan]) -> list[_Plan]:
+    """Largest item size first (stable), so every tensor's offset stays aligned."""
+    return sorted(plans, key=lambda p: -p.dtype.itemsize)
+
+
+def _write_all(out, force, plans, metadata, compute, reporter) -> int:
+    """Stream every plan's tensor into ``out``; ``compute(plan, emit)`` emits its chunks."""
+    reporter.start(sum(p.nbytes for p in plans))
+    with atomic_output(out, force=force) as fh:
+        writer = SafetensorsWriter(fh, [(p.key, p.dtype, p.shape) for p in plans], metadata)
+        for plan in plans:
+            compute(plan, writer.write)
+            reporter.advance(plan.key, plan.nbytes)
+        writer.close()
+        return writer.bytes_written
+
+
+def _near(name: str, known: list[str]) -> str:
+    near = difflib.get_close_matches(name, known, n=3)
+    return f" (nearest: {', '.join(near)})" if near else ""
+
+
+def _meta_json(value: object) -> str:
+    return json.dumps(value, sort_keys=True, separators=(",", ":"))
+
+
+def _finite(x: torch.Tensor, file: object, key: str, strict: bool, reporter: Reporter) -> None:
+    if not x.is_floating_point():
+        return
+    bad = x.numel() - int(torch.isfinite(x).sum())
+    if bad:
+        err = KfacCliError(file, key, "finite values", f"{bad} NaN/Inf of {x.numel()}")
+        if strict:
+            raise err
+        reporter.warn(err.line())
+
+
+def _batch_chunks(batch: int, row_bytes: int) -> list[slice]:
+    step = max(1, CHUNK_BYTES // max(row_bytes, 1))
+    return [slice(i, min(i + step, batch)) for i in range(0, batch, step)] or [slice(0, 0)]
+
+
+def run_patches(
+    model: Path,
+    activations: Path,
+    out: str,
+    *,
+    approx: str = "expand",
+    patterns: list[str] | None = None,
+    bias_column: bool = False,
+    dtype: str | None = None,
+    device: str = "cpu",
+    force: bool = False,
+    ignore_unknown: bool = False,
+    strict: bool = False,
+    spec: Path | None = None,
+    unsafe_pickle: bool = False,
+    reporter: Reporter | None = None,
+) -> dict:
+    """Write the (averaged) patches of every layer in the dump to ``out``.
+
+    Returns:
+        A summary: layers with input/output shapes, bytes written, seconds.
+    """
+    started = time.perf_counter()
+    reporter = reporter or Reporter()
+    approx = KFACType(approx)
+    check_target(out, force)
+    dev, cast = resolve_device(device), resolve_dtype(dtype)
+    table = load_layer_table(model, spec, unsafe_pickle)
+    with TensorSource(activations) as src:
+        unknown = [k for k in src.infos if table.layer(k) is None]
+        names = [la.name for la in table.layers]
+        for key in unknown:
+            if not ignore_unknown:
+                raise KfacCliError(
+                    activations,
+                    key,
+                    f"a layer of {model}{_near(key, names)}",
+                    "no such layer",
+                    hint="see `kfac-cli layers MODEL`, or pass --ignore-unknown to skip such keys",
+                )
+            reporter.warn(f"{activations}: {key}: skipped, the model has no such layer")
+        selected = [la for la in table.select(patterns) if la.name in src.infos]
+        if patterns and not selected:
+            raise KfacCliError(
+                activations, None, f"a layer matching {' or '.join(patterns)}", "none in the dump"
+            )
+        plans = [
+            _plan_layer(la, src, activations, model, approx, bias_column, cast) for la in selected
+        ]
+        metadata = {
+            "format": "kfac-cli/patches",
+            "layout_version": LAYOUT_VERSION,
+            "kfac_cli_version": __version__,
+            "approx": approx.value,
+            "bias_column": _meta_json(bias_column),
+            "model": str(model),
+            "activations": str(activations),
+            "layers": _meta_json({p.key: p.meta for p in plans}),
+        }
+        pin = dev.type == "cuda"
+        buffers: dict[str, torch.Tensor] = {}
+
+        def compute(plan: _Plan, emit) -> None:
+            layer = table.layer(plan.key)
+            params = layer.conv if layer.is_conv else None
+            x_all = src.read(plan.key, pin_memory=pin)
+            _finite(x_all, activations, plan.key, strict, reporter)
+            row_bytes = plan.nbytes // max(plan.shape[0], 1)
+            for sl in _batch_chunks(plan.shape[0], row_bytes):
+                x = x_all[sl].to(dev, plan.dtype, non_blocking=True)
+                buf = _reusable(buffers, (x.shape[0], *plan.shape[1:]), plan.dtype, dev, approx)
+                y = layer_patches(x, params, approx, bias_column, out=buf)
+                emit(plan.key, y)
+
+        written = _write_all(out, force, _order(plans), metadata, compute, reporter)
+    return {
+        "command": "patches",
+        "output": out,
+        "approx": approx.value,
+        "layers": [
+            {
+                "name": p.key,
+                "input_shape": p.meta["input_shape"],
+                "shape": list(p.shape),
+                "dtype": str(p.dtype).removeprefix("torch."),
+                "bytes": p.nbytes,
+            }
+            for p in plans
+        ],
+        "bytes": written,
+        "seconds": round(time.perf_counter() - started, 4),
+    }
+
+
+def _reusable(buffers, shape, dtype, device, approx) -> torch.Tensor | None:
+    """One output buffer reused across chunks and layers (fresh memory is slow to touch)."""
+    if approx is KFACType.REDUCE or len(shape) != 3:
+        return None
+    n = math.prod(shape) * dtype.itemsize
+    key = str(device)
+    if key not in buffers or buffers[key].numel() < n:
+        buffers[key] = torch.empty(n, dtype=torch.uint8, device=device)
+    return buffers[key][:n].view(dtype).view(shape)
+
+
+def _plan_layer(
+    layer: Layer,
+    src: TensorSource,
+    file: Path,
+    model: Path,
+    approx: KFACType,
+    bias_column: bool,
+    cast: torch.dtype | None,
+) -> _Plan:
+    info = src.infos[layer.name]
+    params = layer.require_conv(model) if layer.is_conv else None
+    dtype = cast or info.dtype
+    if not dtype.is_floating_point or dtype not in (
+        torch.float16,
+        torch.bfloat16,
+        torch.float32,
+        torch.float64,
+    ):
+        raise KfacCliError(
+            file,
+            layer.name,
+            "float16/bfloat16/float32/float64 (or pass --dtype)",
+            f"dtype {DTYPE_NAMES.get(info.dtype, info.dtype)}",
+        )
+    shape = info.shape
+    c_in = layer.weight_shape[1] * (params.groups if params else 1)
+    if params is not None:
+        n = params.ndim
+        if len(shape) != n + 2:
+            dims = ", ".join(["B", "C_in", *(f"I{i + 1}" for i in range(n))])
+            raise KfacCliError(
+                file,
+                layer.name,
+                f"a rank-{n + 2} {layer.kind} input [{dims}]",
+                f"shape {list(shape)}",
+            )
+        if shape[1] != c_in:
+            raise KfacCliError(
+                file,
+                layer.name,
+                f"C_in={c_in} channels (weight {list(layer.weight_shape)}, groups {params.groups})",
+                f"{shape[1]} in shape {list(shape)}",
+            )
+    elif len(shape) < 2 or shape[-1] != c_in:
+        raise KfacCliError(
+            file, layer.name, f"a linear input [B, ..., {c_in}]", f"shape {list(shape)}"
+        )
+    try:
+        out_shape = output_shape(shape, params, approx, bias_column)
+    except KfacCliError as e:
+        raise e.with_context(file, layer.name) from None
+    meta = {
+        "kind": layer.kind,
+        "input_shape": list(shape),
+        "weight": layer.weight,
+        "bias": layer.bias,
+        "weight_shape": list(layer.weight_shape),
+    }
+    if params is not None:
+        meta.update(params.to_json())
+    return _Plan(layer.name, dtype, out_shape, meta)
+
+
+# --------------------------------------------------------------------------- canonicalize
+
+
+def _block_key(table: LayerTable, g: ParamGroup) -> str:
+    if g.joint:
+        return next(la.name for la in table.layers if la.weight == g.W)
+    return g.names[0]
+
+
+def run_canonicalize(
+    model: Path,
+    tensors: Path,
+    out: str,
+    *,
+    separate_bias: bool = False,
+    keep_untreated: bool = False,
+    layout: str = "flat",
+    columns: bool = False,
+    batch_first: bool = False,
+    dtype: str | None = None,
+    device: str = "cpu",
+    force: bool = False,
+    spec: Path | None = None,
+    unsafe_pickle: bool = False,
+    reporter: Reporter | None = None,
+) -> dict:
+    """Parameter-space tensors to canonical blocks (SPEC.md), one tensor per block."""
+    started = time.perf_counter()
+    reporter = reporter or Reporter()
+    check_target(out, force)
+    dev, cast = resolve_device(device), resolve_dtype(dtype)
+    table = load_layer_table(model, spec, unsafe_pickle)
+    lead, trail = int(batch_first), int(columns)
+    with open_tensors(tensors) as src:
+        shapes = table.parameters
+        missing = [n for n in shapes if n not in src.infos]
+        if missing:
+            raise KfacCliError(
+                tensors,
+                missing[0],
+                f"every parameter of {model}",
+                f"{len(missing)} missing: {', '.join(missing[:8])}",
+            )
+        extra = [n for n in src.infos if n not in shapes]
+        if extra:
+            raise KfacCliError(
+                tensors,
+                extra[0],
+                f"only parameters of {model}{_near(extra[0], list(shapes))}",
+                "an extra key",
+            )
+        groups = check_groups(shapes, table.groups(separate_bias, keep_untreated))
+        lead_shape = trail_shape = None
+        for name in shapes:
+            info = src.infos[name]
+            s, p = info.shape, shapes[name]
+            want = ["N"] * lead + [str(v) for v in p] + ["C"] * trail
+            if len(s) != len(p) + lead + trail or tuple(s[lead : lead + len(p)]) != tuple(p):
+                hint = None
+                if not columns and len(s) == len(p) + 1 and tuple(s[:-1]) == tuple(p):
+                    hint = "a trailing column axis needs --columns"
+                elif not batch_first and len(s) == len(p) + 1 and tuple(s[1:]) == tuple(p):
+                    hint = "a leading batch axis needs --batch-first"
+                raise KfacCliError(
+                    tensors, name, f"shape [{', '.join(want)}]", f"{list(s)}", hint=hint
+                )
+            lead_shape = lead_shape or tuple(s[:lead])
+            trail_shape = trail_shape or tuple(s[len(s) - trail :])
+            if tuple(s[:lead]) != lead_shape or tuple(s[len(s) - trail :]) != trail_shape:
+                raise KfacCliError(
+                    tensors,
+                    name,
+                    f"the same N/C axes as the others {list(lead_shape)}/{list(trail_shape)}",
+                    f"{list(s)}",
+                )
+            if not (info.dtype.is_floating_point or cast):
+                raise KfacCliError(tensors, name, "a floating-point dtype", str(info.dtype))
+        plans, seen = [], set()
+        untreated = {u["name"] for u in table.untreated}
+        for g in groups:
+            key = _block_key(table, g)
+            if key in seen:
+                raise KfacCliError(model, key, "unique block names", "a name used twice")
+            seen.add(key)
+            dtypes = [src.infos[n].dtype for n in g.names]
+            dt = cast or (dtypes[0] if len(set(dtypes)) == 1 else torch.promote_types(*dtypes))
+            bshape = (*lead_shape, *block_shape(g, shapes, layout), *trail_shape)
+            plans.append(
+                _Plan(key, dt, bshape, {"W": g.W, "b": g.b, "untreated": g.names[0] in untreated})
+            )
+        metadata = {
+            "format": "kfac-cli/canonical",
+            "layout_version": LAYOUT_VERSION,
+            "kfac_cli_version": __version__,
+            "layout": layout,
+            "columns": _meta_json(columns),
+            "batch_first": _meta_json(batch_first),
+            "model": str(model),
+            "tensors": str(tensors),
+            "blocks": _meta_json([{"key": p.key, **p.meta} for p in plans]),
+            "parameters": _meta_json(
+                [
+                    {"name": n, "shape": list(s), "dtype": DTYPE_NAMES[src.infos[n].dtype]}
+                    for n, s in shapes.items()
+                ]
+            ),
+        }
+        by_key = {p.key: g for p, g in zip(plans, groups)}
+
+        def compute(plan: _Plan, emit) -> None:
+            g = by_key[plan.key]
+            parts = {n: src.read(n).to(dev).to(plan.dtype) for n in g.names}
+            for n, t in parts.items():
+                _finite(t, tensors, n, False, reporter)
+            emit(
+                plan.key,
+                group_to_canonical(g, parts, shapes, lead=lead, trail=trail, layout=layout),
+            )
+
+        written = _write_all(out, force, _order(plans), metadata, compute, reporter)
+    return _summary("canonicalize", out, plans, written, started)
+
+
+def _summary(command: str, out: str, plans: list[_Plan], written: int, started: float) -> dict:
+    return {
+        "command": command,
+        "output": out,
+        "tensors": [
+            {
+                "name": p.key,
+                "shape": list(p.shape),
+                "dtype": str(p.dtype).removeprefix("torch."),
+                "bytes": p.nbytes,
+            }
+            for p in plans
+        ],
+        "bytes": written,
+        "seconds": round(time.perf_counter() - started, 4),
+    }
+
+
+def _canonical_meta(path: Path, metadata: dict[str, str]) -> tuple[dict, list, dict]:
+    if metadata.get("format") != "kfac-cli/canonical":
+        raise KfacCliError(
+            path,
+            "__metadata__.format",
+            "'kfac-cli/canonical' (a file written by kfac-cli canonicalize)",
+            repr(metadata.get("format")),
+        )
+    if metadata.get("layout_version") != LAYOUT_VERSION:
+        raise KfacCliError(
+            path,
+            "__metadata__.layout_version",
+            repr(LAYOUT_VERSION),
+            repr(metadata.get("layout_version")),
+        )
+    try:
+        blocks = json.loads(metadata["blocks"])
+        params = json.loads(metadata["parameters"])
+        opts = {
+            "layout": metadata["layout"],
+            "columns": json.loads(metadata["columns"]),
+            "batch_first": json.loads(metadata["batch_first"]),
+        }
+        shapes = {p["name"]: tuple(int(v) for v in p["shape"]) for p in params}
+        dtypes = {p["name"]: DTYPES[p["dtype"]] for p in params}
+        groups = [ParamGroup(b.get("W"), b.get("b")) for b in blocks]
+        keys = [str(b["key"]) for b in blocks]
+    except (KeyError, TypeError, ValueError, AttributeError) as e:
+        raise KfacCliError(
+            path,
+            "__metadata__",
+            "canonical metadata as kfac-cli writes it",
+            f"{type(e).__name__}: {e}"[:120],
+        ) from None
+    if opts["layout"] not in ("flat", "matrix") or not all(
+        isinstance(opts[k], bool) for k in ("columns", "batch_first")
+    ):
+        raise KfacCliError(
+            path, "__metadata__", "layout flat|matrix and boolean flags", repr(opts)[:80]
+        )
+    try:
+        groups = check_groups(shapes, groups)
+    except KfacCliError as e:
+        raise e.with_context(path) from None
+    return opts, list(zip(keys, groups)), {"shapes": shapes, "dtypes": dtypes}
+
+
+def run_uncanonicalize(
+    canonical: Path,
+    out: str,
+    *,
+    model: Path | None = None,
+    dtype: str | None = None,
+    device: str = "cpu",
+    force: bool = False,
+    spec: Path | None = None,
+    unsafe_pickle: bool = False,
+    reporter: Reporter | None = None,
+) -> dict:
+    """Canonical blocks back to one tensor per parameter, from the file's own metadata."""
+    started = time.perf_counter()
+    reporter = reporter or Reporter()
+    check_target(out, force)
+    dev, cast = resolve_device(device), resolve_dtype(dtype)
+    with TensorSource(canonical) as src:
+        opts, blocks, info = _canonical_meta(canonical, src.metadata)
+        shapes, dtypes = info["shapes"], info["dtypes"]
+        if model is not None:
+            table = load_layer_table(model, spec, unsafe_pickle)
+            if dict(table.parameters) != shapes:
+                diff = sorted(set(table.parameters.items()) ^ set(shapes.items()))
+                raise KfacCliError(
+                    canonical,
+                    diff[0][0] if diff else None,
+                    f"the parameters of {model}",
+                    "different names or shapes",
+                )
+        lead, trail = int(opts["batch_first"]), int(opts["columns"])
+        names = {k for k, _ in blocks}
+        if set(src.infos) != names:
+            odd = sorted(set(src.infos) ^ names)[0]
+            raise KfacCliError(
+                canonical,
+                odd,
+                "the blocks the metadata lists",
+                "a tensor not listed" if odd in src.infos else "no such tensor",
+            )
+        lead_shape = trail_shape = None
+        for key, g in blocks:
+            s = src.infos[key].shape
+            want = block_shape(g, shapes, opts["layout"])
+            if len(s) != lead + len(want) + trail or tuple(s[lead : lead + len(want)]) != want:
+                raise KfacCliError(
+                    canonical,
+                    key,
+                    f"a block of shape {list(want)} "
+                    f"(batch_first={opts['batch_first']}, "
+                    f"columns={opts['columns']})",
+                    f"{list(s)}",
+                )
+            lead_shape = lead_shape or tuple(s[:lead])
+            trail_shape = trail_shape or tuple(s[len(s) - trail :])
+            if tuple(s[:lead]) != lead_shape or tuple(s[len(s) - trail :]) != trail_shape:
+                raise KfacCliError(canonical, key, "the same N/C axes in every block", f"{list(s)}")
+        plans = [
+            _Plan(n, cast or dtypes[n], (*lead_shape, *s, *trail_shape)) for n, s in shapes.items()
+        ]
+        metadata = {
+            "format": "kfac-cli/parameters",
+            "layout_version": LAYOUT_VERSION,
+            "kfac_cli_version": __version__,
+            "columns": _meta_json(opts["columns"]),
+            "batch_first": _meta_json(opts["batch_first"]),
+            "canonical": str(canonical),
+        }
+        group_of = {n: (k, g) for k, g in blocks for n in g.names}
+        cache: dict[str, torch.Tensor] = {}
+
+        def compute(plan: _Plan, emit) -> None:
+            key, g = group_of[plan.key]
+            if plan.key not in cache:
+                block = src.read(key).to(dev)
+                cache.update(
+                    group_from_canonical(
+                        g, block, shapes, lead=lead, trail=trail, layout=opts["layout"]
+                    )
+                )
+            emit(plan.key, cache.pop(plan.key).to(plan.dtype))
+
+        written = _write_all(out, force, _order(plans), metadata, compute, reporter)
+    return _summary("canonicalize --inverse", out, plans, written, started)
