@@ -272,9 +272,12 @@ def _plan_layer(
 # --------------------------------------------------------------------------- canonicalize
 
 
-def _block_key(table: LayerTable, g: ParamGroup) -> str:
-    if g.joint:
-        return next(la.name for la in table.layers if la.weight == g.W)
+def _block_key(table: LayerTable, g: ParamGroup, separate_bias: bool) -> str:
+    """A layer's block is keyed by the layer's name; a separate block by its parameter's."""
+    if not separate_bias:
+        layer = next((la for la in table.layers if la.weight == g.W), None)
+        if layer is not None:
+            return layer.name
     return g.names[0]
 
 
@@ -349,7 +352,7 @@ def run_canonicalize(
         plans, seen = [], set()
         untreated = {u["name"] for u in table.untreated}
         for g in groups:
-            key = _block_key(table, g)
+            key = _block_key(table, g, separate_bias)
             if key in seen:
                 raise KfacCliError(model, key, "unique block names", "a name used twice")
             seen.add(key)

@@ -38,6 +38,7 @@ from kfac_cli.errors import KfacCliError
 
 FORMAT = "kfac-cli/layer-table"
 VERSION = 1
+BATCHNORM_BUFFERS = ("running_mean", "running_var", "num_batches_tracked")
 KINDS = {"linear": 2, "conv1d": 3, "conv2d": 4, "conv3d": 5}  # kind -> weight rank
 SPEC_HINT = (
     "a state dict does not record stride/padding/dilation/groups: pass --spec FILE, written by "
@@ -308,9 +309,13 @@ def layers_from_state_dict(shapes: Mapping[str, tuple[int, ...]], source: str) -
     """A layer table from parameter names and shapes alone (no hyper-parameters).
 
     ``x.weight`` of rank 2/3/4/5 is a linear/conv1d/conv2d/conv3d layer named ``x``,
-    paired with ``x.bias`` when that is a vector of length ``C_out``.
+    paired with ``x.bias`` when that is a vector of length ``C_out``. BatchNorm's running
+    statistics (``*.running_mean``, ``*.running_var``, ``*.num_batches_tracked``) are
+    buffers, not parameters; every other entry is a parameter.
     """
     kinds = {rank: kind for kind, rank in KINDS.items()}
+    buffers = [n for n in shapes if n.rsplit(".", 1)[-1] in BATCHNORM_BUFFERS]
+    shapes = {n: s for n, s in shapes.items() if n not in buffers}
     layers, treated = [], set()
     for name, shape in shapes.items():
         if not name.endswith("weight") or len(shape) not in kinds:
@@ -325,7 +330,7 @@ def layers_from_state_dict(shapes: Mapping[str, tuple[int, ...]], source: str) -
     untreated = [
         {"name": n, "shape": list(s), "used_by": []} for n, s in shapes.items() if n not in treated
     ]
-    return LayerTable(source, layers, dict(shapes), untreated)
+    return LayerTable(source, layers, dict(shapes), untreated, buffers)
 
 
 def merge_spec(

@@ -37,3 +37,15 @@ def run_cli(*args: object, check: bool = False, env: dict | None = None, **kw):
             f"kfac-cli {args} exited {proc.returncode}:\n{proc.stderr.decode(errors='replace')}"
         )
     return proc
+
+
+def invoke(*args: object):
+    """Run the CLI in-process (fast); same result fields as :func:`run_cli`."""
+    from types import SimpleNamespace
+
+    from typer.testing import CliRunner
+
+    from kfac_cli.cli import app
+
+    r = CliRunner().invoke(app, [str(a) for a in args])
+    return SimpleNamespace(returncode=r.exit_code, stdout=r.stdout_bytes, stderr=r.stderr_bytes)
