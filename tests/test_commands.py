@@ -332,7 +332,7 @@ def test_untreated_missing_and_extra_are_errors(cnn, tmp_path):
         proc = run_cli("canonicalize", files["pt2"], bad, "-o", out, "--keep-untreated")
         assert proc.returncode == 1, change
         lines = proc.stderr.decode().strip().splitlines()
-        assert lines[0].startswith(f"Error: {bad}: head.b"), lines
+        assert lines[0].startswith(f"Error: {bad}: head."), lines
         assert not out.exists()
 
 
