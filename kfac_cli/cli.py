@@ -185,7 +185,7 @@ def _check_stdout(out: str, as_json: bool) -> None:
 
 
 def _emit_json(summary: dict) -> None:
-    sys.stdout.write(json.dumps(summary, indent=2) + "\n")
+    sys.stdout.write(json.dumps(summary) + "\n")
 
 
 @app.command()
@@ -227,10 +227,18 @@ def layers(
 
 
 def _print_table(table) -> None:
+    from rich import box
     from rich.table import Table
 
     out = Console(highlight=False)
-    t = Table(title=f"{table.source}: {len(table.layers)} layer(s) treated by KFAC")
+    if not out.is_terminal:
+        out = Console(highlight=False, width=200)
+    t = Table(
+        title=f"{table.source}: {len(table.layers)} layer(s) treated by KFAC",
+        box=box.SIMPLE_HEAD,
+        pad_edge=False,
+        title_justify="left",
+    )
     cols = ("layer", "kind", "weight", "bias", "kernel", "stride", "pad", "dil", "groups", "mode")
     for col in cols:
         t.add_column(col, overflow="fold")
