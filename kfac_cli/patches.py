@@ -179,7 +179,7 @@ def linear_patches(x: Tensor, bias_column: bool = False) -> Tensor:
     _check_dtype(x)
     if x.ndim < 2:
         raise KfacCliError(None, None, "rank >= 2 [B, ..., d_in]", f"shape {list(x.shape)}")
-    flat = x.reshape(x.shape[0], -1, x.shape[-1])
+    flat = x.reshape(x.shape[0], prod(x.shape[1:-1]), x.shape[-1])
     if not bias_column:
         return flat.contiguous()
     out = _with_bias_column(flat.shape, True, flat)
