@@ -1,0 +1,443 @@
+"""kfac-cli's benchmark: whole processes and in-memory kernels, side by side in one run.
+
+    $ .venv/bin/python -m tests.benchmarks.run --preset small --threads 1
+
+Times, alternating and repeated: `kfac-cli patches` (expand, reduce), the users' baseline
+script (curvlinops' extract_patches / extract_averaged_patches + safetensors.save_file; needs
+curvlinops-for-pytorch), and the floor (a process that imports torch, reads every input
+byte once and writes the same number of output bytes once). Reports medians (min-max),
+ratios to baseline and floor, and each process's peak RSS (ru_maxrss, which counts mapped
+pages). Then the in-memory kernels against curvlinops and against one read pass (`x.sum()`),
+`canonicalize` of a large parameter file against its read+write floor, and `--help`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from math import prod
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+
+FLOOR = r"""
+import os, sys, torch
+src, dst, nbytes = sys.argv[1], sys.argv[2], int(sys.argv[3])
+buf = memoryview(bytearray(64 << 20))
+with open(src, "rb", buffering=0) as f:
+    while f.readinto(buf):
+        pass
+with open(dst, "wb") as f:
+    left = nbytes
+    while left:
+        n = min(left, len(buf)); f.write(buf[:n]); left -= n
+    f.flush(); os.fsync(f.fileno())
+"""
+
+BASELINE = r"""
+import importlib.util, json, os, sys, torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+spec_file, acts_file, out_file, approx = sys.argv[1:5]
+origin = importlib.util.find_spec("curvlinops").submodule_search_locations[0]
+mod_spec = importlib.util.spec_from_file_location("kfac_utils", f"{origin}/kfac_utils.py")
+ku = importlib.util.module_from_spec(mod_spec); mod_spec.loader.exec_module(ku)
+layers = {la["name"]: la for la in json.load(open(spec_file))["layers"]}
+acts = load_file(acts_file)
+out = {}
+for name, x in acts.items():
+    la = layers[name]
+    k, s, d, g, p = la["kernel_size"], la["stride"], la["dilation"], la["groups"], la["padding"]
+    if p == "same":  # curvlinops refuses unequal padding: pad by hand
+        tot = [di * (ki - 1) for ki, di in zip(k, d)]
+        x = F.pad(x, [v for t in reversed(tot) for v in (t // 2, t - t // 2)]); p = 0
+    fn = ku.extract_patches if approx == "expand" else ku.extract_averaged_patches
+    out[name] = fn(x, k, s, p, d, g).contiguous()
+save_file(out, out_file)
+"""
+
+
+def timed(cmd: list[str], env: dict) -> tuple[float, int]:
+    """Wall seconds and peak RSS (bytes) of one child process."""
+    start = time.perf_counter()
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    _, status, usage = os.wait4(proc.pid, 0)
+    seconds = time.perf_counter() - start
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    err = proc.stderr.read().decode(errors="replace")
+    proc.stderr.close()
+    if proc.returncode:
+        raise RuntimeError(f"{cmd[:3]} failed ({proc.returncode}):\n{err}")
+    return seconds, usage.ru_maxrss * 1024
+
+
+def fmt_stats(values: list[float]) -> str:
+    return f"{statistics.median(values):7.2f} ({min(values):.2f}-{max(values):.2f})"
+
+
+def sha(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 24):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def bench_processes(folder: Path, args, env: dict, report: dict) -> None:
+    kfac = str(Path(sys.executable).with_name("kfac-cli"))
+    model, acts, spec = folder / "model.pt2", folder / "acts.safetensors", folder / "spec.json"
+    spec.write_bytes(
+        subprocess.run(
+            [kfac, "layers", str(model), "--json"], check=True, capture_output=True
+        ).stdout
+    )
+    have_baseline = _has_curvlinops()
+    runs: dict[str, list[tuple[float, int]]] = {}
+    digests = set()
+    out_sizes = {}
+    for approx in ("expand", "reduce"):
+        out = folder / f"{approx}.safetensors"
+        cmd = [
+            kfac,
+            "patches",
+            str(model),
+            str(acts),
+            "-o",
+            str(out),
+            "--approx",
+            approx,
+            "--force",
+            "-q",
+            "--device",
+            args.device,
+        ]
+        subprocess.run(cmd, check=True, env=env)  # warm the page cache, learn the size
+        out_sizes[approx] = out.stat().st_size
+        variants = {
+            f"kfac-cli {approx}": cmd,
+            f"floor {approx}": [
+                sys.executable,
+                "-c",
+                FLOOR,
+                str(acts),
+                str(folder / "floor.bin"),
+                str(out_sizes[approx]),
+            ],
+        }
+        if have_baseline:
+            variants[f"baseline {approx}"] = [
+                sys.executable,
+                "-c",
+                BASELINE,
+                str(spec),
+                str(acts),
+                str(folder / "base.safetensors"),
+                approx,
+            ]
+        for _ in range(args.repeats):
+            for name, c in variants.items():
+                runs.setdefault(name, []).append(timed(c, env))
+                if name == "kfac-cli expand":
+                    digests.add(sha(out))
+        for p in (folder / "floor.bin", folder / "base.safetensors"):
+            p.unlink(missing_ok=True)
+    bare = timed([sys.executable, "-c", "import torch"], env)[1]
+    largest = max((prod(s) * 4 for s in _layer_shapes(folder)), default=0)
+    print(
+        f"\nWhole processes ({args.threads} thread(s), {args.repeats} runs, seconds: median "
+        f"(min-max); RSS above bare `import torch` = {bare / 2**20:.0f} MiB):"
+    )
+    print(
+        f"{'':22} {'seconds':>20} {'x floor':>8} {'x faster than baseline':>23} {'peak RSS MiB':>13}"
+    )
+    for approx in ("expand", "reduce"):
+        floor = statistics.median(t for t, _ in runs[f"floor {approx}"])
+        base = runs.get(f"baseline {approx}")
+        for kind in ("kfac-cli", "baseline", "floor"):
+            r = runs.get(f"{kind} {approx}")
+            if not r:
+                continue
+            t = [x for x, _ in r]
+            med = statistics.median(t)
+            speed = statistics.median(x for x, _ in base) / med if base else float("nan")
+            rss = max(m for _, m in r) - bare
+            print(
+                f"{kind + ' ' + approx:22} {fmt_stats(t):>20} {med / floor:8.2f} "
+                f"{speed:23.2f} {rss / 2**20:13.0f}"
+            )
+            report[f"{kind} {approx}"] = {
+                "seconds": t,
+                "x_floor": med / floor,
+                "x_faster_than_baseline": speed,
+                "rss_above_torch": rss,
+            }
+    report["largest_layer_input_bytes"] = largest
+    report["output_bytes"] = out_sizes
+    report["expand_bytes_identical_across_runs"] = len(digests) == 1
+    print(
+        f"largest layer input {largest / 2**20:.0f} MiB; expand output "
+        f"{out_sizes['expand'] / 2**30:.2f} GiB; output bytes identical across runs: "
+        f"{len(digests) == 1}"
+    )
+
+
+def _has_curvlinops() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("curvlinops") is not None
+
+
+def _layer_shapes(folder: Path):
+    from kfac_cli.tensorfile import TensorSource
+
+    with TensorSource(folder / "acts.safetensors") as src:
+        return [info.shape for info in src.infos.values()]
+
+
+def bench_kernels(folder: Path, args, report: dict) -> None:
+    """In-memory kernels, layer by layer, alternating; sums over layers, medians over runs."""
+    import torch
+
+    from kfac_cli.conv import ConvParams
+    from kfac_cli.jobs import CHUNK_BYTES
+    from kfac_cli.patches import conv_averaged_patches, conv_patches
+    from tests.benchmarks.workload import PRESETS, layers
+
+    torch.set_num_threads(args.threads)
+    ku = _kfac_utils() if _has_curvlinops() else None
+    dev = torch.device(args.device)
+    sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
+    batch = PRESETS[args.preset]
+    totals: dict[str, list[float]] = {}
+    worst_reduce_diff = 0.0
+    accuracy = {"ours": 0.0, "ref": 0.0}
+    expand_identical = True
+    buf = None
+    for layer in layers():
+        kw = {k: v for k, v in layer.kwargs.items() if k != "bias"}
+        params = ConvParams.create(
+            kw["kernel_size"],
+            kw.get("stride", 1),
+            kw.get("padding", 0),
+            kw.get("dilation", 1),
+            kw.get("groups", 1),
+            n=2,
+        )
+        x = torch.randn(batch, layer.c_in, *layer.size, device=dev)
+        shape = (batch, prod(params.output_size(layer.size)), params.patch_size(layer.c_in))
+        nbytes = prod(shape) * 4
+        if buf is None or buf.numel() < nbytes:
+            buf = torch.empty(nbytes // 4, device=dev)
+        step = max(1, CHUNK_BYTES // (nbytes // batch))
+
+        def ours_expand():
+            for i in range(0, batch, step):
+                n = min(step, batch - i)
+                conv_patches(
+                    x[i : i + n], params, out=buf[: n * nbytes // 4 // batch].view(n, *shape[1:])
+                )
+
+        pads = params.pads()
+        same = any(a != b for a, b in pads)
+        xr = torch.nn.functional.pad(x, [v for p in reversed(pads) for v in p]) if same else x
+        pr = 0 if same else params.padding
+        hp = (params.kernel_size, params.stride, pr, params.dilation, params.groups)
+        fns = {
+            "ours expand": ours_expand,
+            "ours reduce": lambda: conv_averaged_patches(x, params),
+            "x.sum()": lambda: x.sum(),
+        }
+        if ku is not None:
+            fns["curvlinops expand+contiguous"] = lambda: ku.extract_patches(xr, *hp).contiguous()
+            fns["curvlinops reduce"] = lambda: ku.extract_averaged_patches(xr, *hp)
+        for _ in range(args.repeats):
+            for name, fn in fns.items():
+                sync()
+                start = time.perf_counter()
+                fn()
+                sync()
+                totals.setdefault(name, []).append(time.perf_counter() - start)
+        if ku is not None:
+            ours_expand()
+            ref = ku.extract_patches(xr, *hp).contiguous()
+            expand_identical &= torch.equal(buf[: ref.numel()].view(ref.shape), ref)
+            del ref
+            red, red_ref = conv_averaged_patches(x, params), ku.extract_averaged_patches(xr, *hp)
+            exact = conv_averaged_patches(x.double(), params)
+            worst_reduce_diff = max(worst_reduce_diff, (red - red_ref).abs().max().item())
+            accuracy["ours"] = max(accuracy["ours"], (red.double() - exact).abs().max().item())
+            accuracy["ref"] = max(accuracy["ref"], (red_ref.double() - exact).abs().max().item())
+    # totals[name] holds, layer after layer, one time per run: sum each run over the layers.
+    per_run = {
+        k: [sum(v[i :: args.repeats]) for i in range(args.repeats)] for k, v in totals.items()
+    }
+    print(
+        f"\nIn-memory kernels on {args.device}, all {len(layers())} layers, batch {batch} "
+        f"(seconds per pass: median (min-max)):"
+    )
+    for name, t in per_run.items():
+        print(f"  {name:32} {fmt_stats(t)}")
+    med = {k: statistics.median(v) for k, v in per_run.items()}
+    if ku is not None:
+        print(
+            f"  expand: {med['curvlinops expand+contiguous'] / med['ours expand']:.1f}x faster "
+            f"than extract_patches + .contiguous(); bit-identical: {expand_identical}"
+        )
+        print(
+            f"  reduce: {med['curvlinops reduce'] / med['ours reduce']:.1f}x faster than "
+            f"extract_averaged_patches; max |ours - curvlinops| = {worst_reduce_diff:.1e}; "
+            f"max error vs float64: ours {accuracy['ours']:.1e}, curvlinops "
+            f"{accuracy['ref']:.1e}"
+        )
+    print(
+        f"  reduce: {med['ours reduce'] / med['x.sum()']:.2f}x the time of one read pass (x.sum())"
+    )
+    report["kernels"] = {
+        "seconds": per_run,
+        "expand_bit_identical": expand_identical,
+        "reduce_max_abs_diff": worst_reduce_diff,
+        "reduce_error": accuracy,
+    }
+
+
+def _kfac_utils():
+    import importlib.util
+
+    origin = importlib.util.find_spec("curvlinops").submodule_search_locations[0]
+    spec = importlib.util.spec_from_file_location("kfac_utils", f"{origin}/kfac_utils.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def bench_canonicalize(folder: Path, args, env: dict, report: dict) -> None:
+    import torch
+
+    from kfac_cli.tensorfile import SafetensorsWriter
+
+    n_layers = 8 if args.preset == "large" else 2
+    params = folder / "params.safetensors"
+    entries = []
+    for i in range(n_layers):
+        entries += [
+            (f"fc{i}.weight", torch.float32, (4096, 8192)),
+            (f"fc{i}.bias", torch.float32, (4096,)),
+        ]
+    with open(params, "wb") as fh:
+        w = SafetensorsWriter(fh, entries, {})
+        for name, _, shape in entries:
+            w.write(name, torch.randn(shape))
+        w.close()
+    size = params.stat().st_size
+    kfac = str(Path(sys.executable).with_name("kfac-cli"))
+    out = folder / "canonical.safetensors"
+    cmds = {
+        "kfac-cli canonicalize": [
+            kfac,
+            "canonicalize",
+            str(params),
+            str(params),
+            "-o",
+            str(out),
+            "--force",
+            "-q",
+        ],
+        "floor read+write": [
+            sys.executable,
+            "-c",
+            FLOOR,
+            str(params),
+            str(folder / "f.bin"),
+            str(size),
+        ],
+    }
+    runs: dict[str, list[tuple[float, int]]] = {}
+    subprocess.run(cmds["kfac-cli canonicalize"], check=True, env=env)
+    for _ in range(args.repeats):
+        for name, c in cmds.items():
+            runs.setdefault(name, []).append(timed(c, env))
+    bare = timed([sys.executable, "-c", "import torch"], env)[1]
+    floor = statistics.median(t for t, _ in runs["floor read+write"])
+    print(
+        f"\ncanonicalize of a {size / 2**30:.2f} GiB parameter file (largest block "
+        f"{4096 * 8193 * 4 / 2**20:.0f} MiB):"
+    )
+    for name, r in runs.items():
+        t = [x for x, _ in r]
+        print(
+            f"  {name:24} {fmt_stats(t)}  x floor {statistics.median(t) / floor:5.2f}  "
+            f"peak RSS above torch {(max(m for _, m in r) - bare) / 2**20:6.0f} MiB"
+        )
+        report[name] = {"seconds": t, "rss_above_torch": max(m for _, m in r) - bare}
+    for p in (out, folder / "f.bin", params):
+        p.unlink(missing_ok=True)
+
+
+def bench_help(env: dict, report: dict) -> None:
+    kfac = str(Path(sys.executable).with_name("kfac-cli"))
+    t = [timed([kfac, "--help"], env)[0] for _ in range(7)]
+    print(f"\nkfac-cli --help: {fmt_stats(t)} s")
+    report["help_seconds"] = t
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--preset", choices=["tiny", "small", "large"], default="small")
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument(
+        "--folder",
+        type=Path,
+        default=None,
+        help="where to put the workload (default: a temporary folder)",
+    )
+    parser.add_argument(
+        "--only", choices=["processes", "kernels", "canonicalize", "help"], action="append"
+    )
+    parser.add_argument("--json", type=Path, help="also write the numbers here")
+    args = parser.parse_args()
+    env = {
+        **os.environ,
+        "OMP_NUM_THREADS": str(args.threads),
+        "MKL_NUM_THREADS": str(args.threads),
+        "PYTHONWARNINGS": "ignore",
+    }
+    folder = args.folder or Path(tempfile.mkdtemp(prefix="kfac-bench-"))
+    from tests.benchmarks.workload import write
+
+    info_file = folder / "workload.json"
+    if not (info_file.exists() and json.loads(info_file.read_text())["preset"] == args.preset):
+        info = write(folder, args.preset)
+    else:
+        info = json.loads(info_file.read_text())
+    print(
+        f"workload {args.preset}: {info['layers']} layers, batch {info['batch']}, "
+        f"{info['input_bytes'] / 2**30:.2f} GiB of activations, in {folder}"
+    )
+    report: dict = {"preset": args.preset, "threads": args.threads, "device": args.device}
+    only = set(args.only or ["processes", "kernels", "canonicalize", "help"])
+    if "processes" in only:
+        bench_processes(folder, args, env, report)
+    if "kernels" in only:
+        bench_kernels(folder, args, report)
+    if "canonicalize" in only:
+        bench_canonicalize(folder, args, env, report)
+    if "help" in only:
+        bench_help(env, report)
+    if args.json:
+        args.json.write_text(json.dumps(report, indent=1))
+    if args.folder is None:
+        shutil.rmtree(folder)
+
+
+if __name__ == "__main__":
+    main()
