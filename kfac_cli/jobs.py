@@ -32,10 +32,12 @@ from kfac_cli.errors import KfacCliError
 from kfac_cli.layers import Layer, LayerTable
 from kfac_cli.output import atomic_output, check_target
 from kfac_cli.patches import layer_patches, output_shape
+from kfac_cli.streaming import BackgroundWriter, BufferPool, Prefetcher, view
 from kfac_cli.tensorfile import DTYPE_NAMES, DTYPES, SafetensorsWriter, TensorSource, open_tensors
 
 LAYOUT_VERSION = "1"
 CHUNK_BYTES = 8 * 2**20  # output bytes per batch chunk: large enough to amortise, small enough
+CPU = torch.device("cpu")
 
 
 @dataclass
@@ -64,15 +66,25 @@ def _order(plans: list[_Plan]) -> list[_Plan]:
     return sorted(plans, key=lambda p: -p.dtype.itemsize)
 
 
-def _write_all(out, force, plans, metadata, compute, reporter) -> int:
-    """Stream every plan's tensor into ``out``; ``compute(plan, emit)`` emits its chunks."""
+def _write_all(out, force, plans, metadata, produce, reporter) -> int:
+    """Stream every plan's tensor into ``out``.
+
+    ``produce(plan, put)`` computes a plan's tensor, whole or in chunks of its first axis,
+    and hands each to ``put(key, tensor, event=None, done=None)``; a background thread
+    writes them in order (and calls ``done`` after each), overlapping I/O with compute.
+    """
     reporter.start(sum(p.nbytes for p in plans))
     with atomic_output(out, force=force) as fh:
         writer = SafetensorsWriter(fh, [(p.key, p.dtype, p.shape) for p in plans], metadata)
-        for plan in plans:
-            compute(plan, writer.write)
-            reporter.advance(plan.key, plan.nbytes)
-        writer.close()
+        background = BackgroundWriter(writer)
+        try:
+            for plan in plans:
+                produce(plan, background.put)
+                reporter.advance(plan.key, plan.nbytes)
+            background.close()
+        except BaseException:
+            background.abort()
+            raise
         return writer.bytes_written
 
 
@@ -160,22 +172,51 @@ def run_patches(
             "activations": str(activations),
             "layers": _meta_json({p.key: p.meta for p in plans}),
         }
-        pin = dev.type == "cuda"
-        buffers: dict[str, torch.Tensor] = {}
+        ordered = _order(plans)
+        on_gpu = dev.type != "cpu"
+        inputs = BufferPool(2, CPU, pin_memory=dev.type == "cuda")
+        outputs = BufferPool(3, CPU, pin_memory=dev.type == "cuda")
+        on_device = BufferPool(1, dev)
+        prefetch = Prefetcher(src.read, {p.key: src.infos[p.key].nbytes for p in ordered}, inputs)
 
-        def compute(plan: _Plan, emit) -> None:
+        def produce(plan: _Plan, put) -> None:
             layer = table.layer(plan.key)
             params = layer.conv if layer.is_conv else None
-            x_all = src.read(plan.key, pin_memory=pin)
+            into_buffer = params is not None and approx is KFACType.EXPAND
+            x_all, in_buf = prefetch.get(plan.key)
             _finite(x_all, activations, plan.key, strict, reporter)
-            row_bytes = plan.nbytes // max(plan.shape[0], 1)
-            for sl in _batch_chunks(plan.shape[0], row_bytes):
+            chunks = _batch_chunks(plan.shape[0], plan.nbytes // max(plan.shape[0], 1))
+            for i, sl in enumerate(chunks):
                 x = x_all[sl].to(dev, plan.dtype, non_blocking=True)
-                buf = _reusable(buffers, (x.shape[0], *plan.shape[1:]), plan.dtype, dev, approx)
-                y = layer_patches(x, params, approx, bias_column, out=buf)
-                emit(plan.key, y)
+                shape = (x.shape[0], *plan.shape[1:])
+                nbytes = math.prod(shape) * plan.dtype.itemsize
+                release = []
+                if into_buffer and not on_gpu:
+                    buf = outputs.get(nbytes)
+                    release.append(lambda buf=buf: outputs.put(buf))
+                    y = layer_patches(x, params, approx, bias_column, view(buf, plan.dtype, shape))
+                elif into_buffer:
+                    dbuf = on_device.get(nbytes)  # reused in stream order: no wait needed
+                    y = layer_patches(x, params, approx, bias_column, view(dbuf, plan.dtype, shape))
+                    on_device.put(dbuf)
+                else:
+                    y = layer_patches(x, params, approx, bias_column)
+                event = None
+                if on_gpu:
+                    host = outputs.get(nbytes)
+                    release.append(lambda host=host: outputs.put(host))
+                    y = view(host, plan.dtype, shape).copy_(y, non_blocking=True)
+                    if dev.type == "cuda":
+                        event = torch.cuda.Event()
+                        event.record()
+                if i == len(chunks) - 1:
+                    release.append(lambda: inputs.put(in_buf))
+                put(plan.key, y, event, lambda fns=tuple(release): [f() for f in fns])
 
-        written = _write_all(out, force, _order(plans), metadata, compute, reporter)
+        try:
+            written = _write_all(out, force, ordered, metadata, produce, reporter)
+        finally:
+            prefetch.close()
     return {
         "command": "patches",
         "output": out,
@@ -193,17 +234,6 @@ def run_patches(
         "bytes": written,
         "seconds": round(time.perf_counter() - started, 4),
     }
-
-
-def _reusable(buffers, shape, dtype, device, approx) -> torch.Tensor | None:
-    """One output buffer reused across chunks and layers (fresh memory is slow to touch)."""
-    if approx is KFACType.REDUCE or len(shape) != 3:
-        return None
-    n = math.prod(shape) * dtype.itemsize
-    key = str(device)
-    if key not in buffers or buffers[key].numel() < n:
-        buffers[key] = torch.empty(n, dtype=torch.uint8, device=device)
-    return buffers[key][:n].view(dtype).view(shape)
 
 
 def _plan_layer(
@@ -380,18 +410,33 @@ def run_canonicalize(
             ),
         }
         by_key = {p.key: g for p, g in zip(plans, groups)}
+        ordered = _order(plans)
+        names = [n for p in ordered for n in by_key[p.key].names]
+        inputs = BufferPool(3, CPU)  # a joint block holds two inputs, one more is read ahead
+        outputs = BufferPool(2, CPU)
+        prefetch = Prefetcher(src.read, {n: src.infos[n].nbytes for n in names}, inputs)
 
-        def compute(plan: _Plan, emit) -> None:
+        def produce(plan: _Plan, put) -> None:
             g = by_key[plan.key]
-            parts = {n: src.read(n).to(dev).to(plan.dtype) for n in g.names}
+            got = {n: prefetch.get(n) for n in g.names}
+            release = [lambda b=b: inputs.put(b) for _, b in got.values()]
+            parts = {n: t.to(dev, plan.dtype) for n, (t, _) in got.items()}
             for n, t in parts.items():
                 _finite(t, tensors, n, False, reporter)
-            emit(
-                plan.key,
-                group_to_canonical(g, parts, shapes, lead=lead, trail=trail, layout=layout),
+            into = None
+            if g.joint and dev.type == "cpu":
+                raw = outputs.get(plan.nbytes)
+                release.append(lambda: outputs.put(raw))
+                into = view(raw, plan.dtype, plan.shape)
+            block = group_to_canonical(
+                g, parts, shapes, lead=lead, trail=trail, layout=layout, out=into
             )
+            put(plan.key, block, None, lambda: [f() for f in release])
 
-        written = _write_all(out, force, _order(plans), metadata, compute, reporter)
+        try:
+            written = _write_all(out, force, ordered, metadata, produce, reporter)
+        finally:
+            prefetch.close()
     return _summary("canonicalize", out, plans, written, started)
 
 

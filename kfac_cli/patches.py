@@ -89,7 +89,7 @@ def conv_patches(
         if bias_column:
             out[..., -1] = 1
     dst = out[..., :cols].unflatten(2, (channels, *params.kernel_size)).unflatten(1, out_size)
-    sample_bytes = max(1, out[0].numel() * out.element_size())
+    sample_bytes = max(1, prod(shape[1:]) * out.element_size())
     step = max(1, CACHE_CHUNK_BYTES // sample_bytes)
     for start in range(0, batch, step):
         xp = _pad(x[start : start + step], params.pads(), params.padding_mode)
@@ -140,39 +140,50 @@ def _copy_strided(xp: Tensor, params: ConvParams, out_size, dst: Tensor) -> None
     dst.copy_(view)
 
 
-def averaged_index_pattern(
-    input_size: int,
-    kernel_size: int,
-    stride: int,
-    dilation: int,
-    pad_left: int,
-    output_size: int,
-    dtype: torch.dtype,
-    device: torch.device,
-) -> Tensor:
-    """Index pattern of one spatial dim, averaged over output locations.
+def _tap_sums(t: Tensor, dim: int, pad_left: int, k: int, s: int, d: int, o: int) -> Tensor:
+    """Contract one spatial dim with its index pattern summed over output locations.
+
+    Tap ``j`` reads inputs ``i = o*S + j*D - P_left`` for ``o < O``: an arithmetic
+    progression, clipped to the input (taps that read padding drop out). Its sum is one
+    strided slice sum; a window covering most of a stride-1 dim is the dim's total minus
+    the few rows at its edges, so the data is read about once, not ``K`` times.
 
     Returns:
-        ``[K, I]``: entry ``(k, i)`` is the fraction of output locations ``o`` whose tap ``k``
-        reads input ``i`` (``o*S + k*D - P_left == i``); taps that read padding drop out.
+        ``t`` with dim ``dim`` (size ``I``) replaced by one of size ``K``.
     """
-    o = torch.arange(output_size, device=device)
-    k = torch.arange(kernel_size, device=device)
-    idx = o[None, :] * stride + k[:, None] * dilation - pad_left  # [K, O]
-    valid = (idx >= 0) & (idx < input_size)
-    counts = torch.zeros(kernel_size, input_size, dtype=torch.float64, device=device)
-    rows = k[:, None].expand_as(idx)[valid]
-    counts.index_put_(
-        (rows, idx[valid]), torch.ones_like(rows, dtype=torch.float64), accumulate=True
-    )
-    return (counts / output_size).to(dtype)
+    size = t.shape[dim]
+    total = None
+    taps = []
+    for j in range(k):
+        first = j * d - pad_left
+        lo = 0 if first >= 0 else (s - 1 - first) // s
+        hi = min(o - 1, (size - 1 - first) // s) if size - 1 - first >= 0 else -1
+        if hi < lo:
+            taps.append(t.narrow(dim, 0, 0).sum(dim))
+            continue
+        start, stop = first + lo * s, first + hi * s + 1
+        if s == 1 and 2 * (stop - start) > size:
+            if total is None:
+                total = t.sum(dim)
+            tap = total
+            if start > 0:
+                tap = tap - t.narrow(dim, 0, start).sum(dim)
+            if stop < size:
+                tap = tap - t.narrow(dim, stop, size - stop).sum(dim)
+        else:
+            index = [slice(None)] * t.ndim
+            index[dim] = slice(start, stop, s)
+            tap = t[tuple(index)].sum(dim)
+        taps.append(tap)
+    return torch.stack(taps, dim)
 
 
 def conv_averaged_patches(x: Tensor, params: ConvParams, bias_column: bool = False) -> Tensor:
     """KFAC-reduce averaged patches of a convolution input, without unfolding.
 
-    One contraction per spatial dim with that dim's averaged index pattern, so the extra
-    memory is of the order of the input, never ``K_1*..*K_N`` times it.
+    One contraction per spatial dim (slow dims first) with that dim's index pattern
+    averaged over output locations (Dangel, 2023), done as strided window sums: extra
+    memory of the order of the input, never ``K_1*..*K_N`` times it.
 
     Args:
         x: Input ``[B, C_in, I_1..I_N]``.
@@ -190,22 +201,20 @@ def conv_averaged_patches(x: Tensor, params: ConvParams, bias_column: bool = Fal
         x = _pad(x, pads, params.padding_mode)
         pads = tuple((0, 0) for _ in pads)
     t = x
-    for n in reversed(range(params.ndim)):
-        pattern = averaged_index_pattern(
-            x.shape[2 + n],
+    for n in range(params.ndim):
+        t = _tap_sums(
+            t,
+            2 + n,
+            pads[n][0],
             params.kernel_size[n],
             params.stride[n],
             params.dilation[n],
-            pads[n][0],
             out_size[n],
-            x.dtype,
-            x.device,
         )
-        t = torch.matmul(t.movedim(2 + n, -1), pattern.T).movedim(-1, 2 + n)
     batch = x.shape[0]
     cols = t[0].numel()
     out = _with_bias_column((batch, cols), bias_column, x)
-    out[:, :cols] = t.reshape(batch, cols)
+    torch.div(t.reshape(batch, cols), prod(out_size), out=out[:, :cols])
     return out
 
 

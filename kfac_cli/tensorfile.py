@@ -189,9 +189,9 @@ class SafetensorsFile:
             raise KfacCliError(path, None, f"tensor data ending at byte {position}", found)
         return infos, metadata
 
-    def read(self, name: str, pin_memory: bool = False) -> Tensor:
-        """Read one tensor into fresh (optionally pinned) CPU memory."""
-        return read_into(self._fh, self.infos[name], pin_memory)
+    def read(self, name: str, out: Tensor | None = None) -> Tensor:
+        """Read one tensor into fresh CPU memory, or into the ``uint8`` buffer ``out``."""
+        return read_into(self._fh, self.infos[name], out)
 
     def close(self) -> None:
         self._fh.close()
@@ -209,9 +209,12 @@ def _buffer(t: Tensor) -> memoryview:
     return memoryview((ctypes.c_char * n).from_address(t.data_ptr())).cast("B")
 
 
-def read_into(fh: BinaryIO, info: TensorInfo, pin_memory: bool = False) -> Tensor:
-    """Read ``info``'s bytes from ``fh`` straight into a new tensor."""
-    t = torch.empty(info.shape, dtype=info.dtype, pin_memory=pin_memory)
+def read_into(fh: BinaryIO, info: TensorInfo, out: Tensor | None = None) -> Tensor:
+    """Read ``info``'s bytes from ``fh`` straight into a new tensor (or into ``out``'s bytes)."""
+    if out is None:
+        t = torch.empty(info.shape, dtype=info.dtype)
+    else:
+        t = out[: info.nbytes].view(info.dtype).view(info.shape)
     if info.nbytes == 0:
         return t
     view = _buffer(t)
@@ -303,9 +306,9 @@ class TensorSource:
     def keys(self) -> list[str]:
         return list(self.infos)
 
-    def read(self, name: str, pin_memory: bool = False) -> Tensor:
-        """Read one tensor into CPU memory."""
-        return self._file_of[name].read(name, pin_memory)
+    def read(self, name: str, out: Tensor | None = None) -> Tensor:
+        """Read one tensor into CPU memory (into the ``uint8`` buffer ``out`` if given)."""
+        return self._file_of[name].read(name, out)
 
     def close(self) -> None:
         for f in self.files:
@@ -416,9 +419,11 @@ class DictSource:
     def keys(self) -> list[str]:
         return list(self.infos)
 
-    def read(self, name: str, pin_memory: bool = False) -> Tensor:
-        t = self._tensors[name].contiguous()
-        return t.pin_memory() if pin_memory else t
+    def read(self, name: str, out: Tensor | None = None) -> Tensor:
+        t = self._tensors[name]
+        if out is None:
+            return t.contiguous()
+        return out[: t.numel() * t.element_size()].view(t.dtype).view(t.shape).copy_(t)
 
     def close(self) -> None:
         self._tensors = {}
