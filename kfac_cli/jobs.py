@@ -22,8 +22,6 @@ from kfac_cli.canonical import (
     ParamGroup,
     block_shape,
     check_groups,
-    group_from_canonical,
-    group_to_canonical,
 )
 from kfac_cli.checkpoints import load_layer_table
 from kfac_cli.devices import resolve_device, resolve_dtype
@@ -97,20 +95,43 @@ def _meta_json(value: object) -> str:
     return json.dumps(value, sort_keys=True, separators=(",", ":"))
 
 
-def _finite(x: torch.Tensor, file: object, key: str, strict: bool, reporter: Reporter) -> None:
-    if not x.is_floating_point():
-        return
-    bad = x.numel() - int(torch.isfinite(x).sum())
-    if bad:
-        err = KfacCliError(file, key, "finite values", f"{bad} NaN/Inf of {x.numel()}")
-        if strict:
-            raise err
-        reporter.warn(err.line())
+def _nonfinite(x: torch.Tensor) -> int:
+    """How many NaN/Inf ``x`` holds; one read pass when there are none."""
+    if not x.is_floating_point() or torch.isfinite(x.sum()):
+        return 0  # any NaN/Inf makes the sum non-finite (an overflow is counted exactly)
+    return x.numel() - int(torch.isfinite(x).sum())
 
 
-def _batch_chunks(batch: int, row_bytes: int) -> list[slice]:
-    step = max(1, CHUNK_BYTES // max(row_bytes, 1))
-    return [slice(i, min(i + step, batch)) for i in range(0, batch, step)] or [slice(0, 0)]
+class _Finite:
+    """Counts NaN/Inf chunk by chunk; fails at once with ``strict``, else warns per tensor."""
+
+    def __init__(self, file: object, strict: bool, reporter: Reporter) -> None:
+        self.file, self.strict, self.reporter = file, strict, reporter
+        self.bad: dict[str, int] = {}
+
+    def check(self, key: str, x: torch.Tensor) -> None:
+        bad = _nonfinite(x)
+        if bad and self.strict:
+            raise KfacCliError(self.file, key, "finite values", f"{bad} NaN/Inf values")
+        if bad:
+            self.bad[key] = self.bad.get(key, 0) + bad
+
+    def report(self, key: str, total: int) -> None:
+        if key in self.bad:
+            err = KfacCliError(
+                self.file, key, "finite values", f"{self.bad.pop(key)} NaN/Inf of {total}"
+            )
+            self.reporter.warn(err.line())
+
+
+def _chunks(rows: int, nbytes: int) -> list[tuple[int, int]]:
+    """Row ranges of about ``CHUNK_BYTES`` each (at least one, even for no rows)."""
+    step = max(1, CHUNK_BYTES // max(nbytes // max(rows, 1), 1))
+    return [(i, min(i + step, rows)) for i in range(0, rows, step)] or [(0, 0)]
+
+
+def _release_all(fns: list) -> Callable[[], None]:
+    return lambda: [f() for f in fns]
 
 
 def run_patches(
@@ -174,21 +195,35 @@ def run_patches(
         }
         ordered = _order(plans)
         on_gpu = dev.type != "cpu"
-        inputs = BufferPool(2, CPU, pin_memory=dev.type == "cuda")
-        outputs = BufferPool(3, CPU, pin_memory=dev.type == "cuda")
+        pin = dev.type == "cuda"
+        inputs, outputs = BufferPool(3, CPU, pin), BufferPool(3, CPU, pin)
         on_device = BufferPool(1, dev)
-        prefetch = Prefetcher(src.read, {p.key: src.infos[p.key].nbytes for p in ordered}, inputs)
+        chunks = {p.key: _chunks(p.shape[0], p.nbytes) for p in ordered}
+        finite = _Finite(activations, strict, reporter)
+
+        def reads():
+            for p in ordered:
+                info = src.infos[p.key]
+                row_len = math.prod(info.shape[1:])
+                for start, stop in chunks[p.key]:
+                    yield (
+                        (stop - start) * row_len * info.dtype.itemsize,
+                        lambda buf, k=p.key, r=(row_len, start, stop), s=info.shape: src.read(
+                            k, buf, r
+                        ).view(r[2] - r[1], *s[1:]),
+                    )
+
+        prefetch = Prefetcher(reads(), inputs)
 
         def produce(plan: _Plan, put) -> None:
             layer = table.layer(plan.key)
             params = layer.conv if layer.is_conv else None
             into_buffer = params is not None and approx is KFACType.EXPAND
-            x_all, in_buf = prefetch.get(plan.key)
-            _finite(x_all, activations, plan.key, strict, reporter)
-            chunks = _batch_chunks(plan.shape[0], plan.nbytes // max(plan.shape[0], 1))
-            for i, sl in enumerate(chunks):
-                x = x_all[sl].to(dev, plan.dtype, non_blocking=True)
-                shape = (x.shape[0], *plan.shape[1:])
+            for start, stop in chunks[plan.key]:
+                x_host, in_buf = prefetch.next()
+                finite.check(plan.key, x_host)
+                x = x_host.to(dev, plan.dtype, non_blocking=True)
+                shape = (stop - start, *plan.shape[1:])
                 nbytes = math.prod(shape) * plan.dtype.itemsize
                 release = []
                 if into_buffer and not on_gpu:
@@ -209,9 +244,13 @@ def run_patches(
                     if dev.type == "cuda":
                         event = torch.cuda.Event()
                         event.record()
-                if i == len(chunks) - 1:
-                    release.append(lambda: inputs.put(in_buf))
-                put(plan.key, y, event, lambda fns=tuple(release): [f() for f in fns])
+                aliased = y.untyped_storage().data_ptr() == in_buf.untyped_storage().data_ptr()
+                if on_gpu or aliased:  # the input is still read: return it once written
+                    release.append(lambda b=in_buf: inputs.put(b))
+                else:
+                    inputs.put(in_buf)
+                put(plan.key, y, event, _release_all(release))
+            finite.report(plan.key, math.prod(plan.meta["input_shape"]))
 
         try:
             written = _write_all(out, force, ordered, metadata, produce, reporter)
@@ -328,7 +367,11 @@ def run_canonicalize(
     unsafe_pickle: bool = False,
     reporter: Reporter | None = None,
 ) -> dict:
-    """Parameter-space tensors to canonical blocks (SPEC.md), one tensor per block."""
+    """Parameter-space tensors to canonical blocks (SPEC.md), one tensor per block.
+
+    A permutation: values (NaN and Inf included) pass through unchanged, so they are not
+    scanned.
+    """
     started = time.perf_counter()
     reporter = reporter or Reporter()
     check_target(out, force)
@@ -411,33 +454,66 @@ def run_canonicalize(
         }
         by_key = {p.key: g for p, g in zip(plans, groups)}
         ordered = _order(plans)
-        names = [n for p in ordered for n in by_key[p.key].names]
-        inputs = BufferPool(3, CPU)  # a joint block holds two inputs, one more is read ahead
-        outputs = BufferPool(2, CPU)
-        prefetch = Prefetcher(src.read, {n: src.infos[n].nbytes for n in names}, inputs)
+        rows = {p.key: _row_view(by_key[p.key], shapes, lead_shape, trail_shape) for p in ordered}
+        chunks = {p.key: _chunks(rows[p.key][0], p.nbytes) for p in ordered}
+        inputs, outputs = BufferPool(4, CPU), BufferPool(3, CPU)
+
+        def reads():
+            for p in ordered:
+                for start, stop in chunks[p.key]:
+                    for name, row_len in rows[p.key][1].items():
+                        info = src.infos[name]
+                        yield (
+                            (stop - start) * row_len * info.dtype.itemsize,
+                            lambda buf, n=name, r=(row_len, start, stop): src.read(n, buf, r),
+                        )
+
+        prefetch = Prefetcher(reads(), inputs, ahead=2)
 
         def produce(plan: _Plan, put) -> None:
             g = by_key[plan.key]
-            got = {n: prefetch.get(n) for n in g.names}
-            release = [lambda b=b: inputs.put(b) for _, b in got.values()]
-            parts = {n: t.to(dev, plan.dtype) for n, (t, _) in got.items()}
-            for n, t in parts.items():
-                _finite(t, tensors, n, False, reporter)
-            into = None
-            if g.joint and dev.type == "cpu":
-                raw = outputs.get(plan.nbytes)
-                release.append(lambda: outputs.put(raw))
-                into = view(raw, plan.dtype, plan.shape)
-            block = group_to_canonical(
-                g, parts, shapes, lead=lead, trail=trail, layout=layout, out=into
-            )
-            put(plan.key, block, None, lambda: [f() for f in release])
+            for start, stop in chunks[plan.key]:
+                got = [prefetch.next() for _ in g.names]
+                parts = [t.to(dev, plan.dtype) for t, _ in got]
+                release = []
+                if len(parts) == 1:
+                    block = parts[0]
+                    release += [lambda b=b: inputs.put(b) for _, b in got]
+                else:  # joint: each output unit's weight row, then its bias entry
+                    width = sum(t.shape[1] for t in parts)
+                    nbytes = (stop - start) * width * plan.dtype.itemsize
+                    raw = outputs.get(nbytes) if dev.type == "cpu" else None
+                    into = None if raw is None else view(raw, plan.dtype, (stop - start, width))
+                    block = torch.cat(parts, dim=1, out=into)
+                    if raw is not None:
+                        release.append(lambda raw=raw: outputs.put(raw))
+                    for _, b in got:
+                        inputs.put(b)
+                put(plan.key, block, None, _release_all(release))
 
         try:
             written = _write_all(out, force, ordered, metadata, produce, reporter)
         finally:
             prefetch.close()
     return _summary("canonicalize", out, plans, written, started)
+
+
+def _row_view(
+    g: ParamGroup,
+    shapes: dict[str, tuple[int, ...]],
+    lead_shape: tuple[int, ...],
+    trail_shape: tuple[int, ...],
+) -> tuple[int, dict[str, int]]:
+    """A block as rows: ``(rows, {parameter: its row length})``.
+
+    A parameter ``[*lead, *shape, *trail]`` is read as ``[lead*shape[0], rest*trail]`` rows
+    of contiguous bytes; a joint block's row ``r`` is weight row ``r`` then bias row ``r``,
+    which is the canonical order in both layouts, with or without lead and trail axes.
+    """
+    lead, trail = math.prod(lead_shape), math.prod(trail_shape)
+    first = shapes[g.names[0]]
+    rows = lead * (first[0] if first else 1)
+    return rows, {n: math.prod(shapes[n][1:]) * trail for n in g.names}
 
 
 def _summary(command: str, out: str, plans: list[_Plan], written: int, started: float) -> dict:
@@ -574,18 +650,61 @@ def run_uncanonicalize(
             "canonical": str(canonical),
         }
         group_of = {n: (k, g) for k, g in blocks for n in g.names}
-        cache: dict[str, torch.Tensor] = {}
+        ordered = _order(plans)
+        views = {k: _row_view(g, shapes, lead_shape, trail_shape) for k, g in blocks}
+        # How each parameter is produced: a whole block, a weight (caching its bias column),
+        # or a bias, from that cache or from its own pass over the block.
+        steps, seen = {}, set()
+        for p in ordered:
+            key, g = group_of[p.key]
+            mode = "whole" if not g.joint else "weight" if p.key == g.W else "bias"
+            if mode == "bias" and key in seen:
+                mode = "cached"
+            seen.add(key)
+            steps[p.key] = mode
+        block_chunks = {k: _chunks(views[k][0], src.infos[k].nbytes) for k, _ in blocks}
+        inputs = BufferPool(3, CPU)
 
-        def compute(plan: _Plan, emit) -> None:
-            key, g = group_of[plan.key]
-            if plan.key not in cache:
-                block = src.read(key).to(dev)
-                cache.update(
-                    group_from_canonical(
-                        g, block, shapes, lead=lead, trail=trail, layout=opts["layout"]
+        def reads():
+            for p in ordered:
+                key = group_of[p.key][0]
+                if steps[p.key] == "cached":
+                    continue
+                width = sum(views[key][1].values())
+                info = src.infos[key]
+                for start, stop in block_chunks[key]:
+                    yield (
+                        (stop - start) * width * info.dtype.itemsize,
+                        lambda buf, k=key, r=(width, start, stop): src.read(k, buf, r),
                     )
-                )
-            emit(plan.key, cache.pop(plan.key).to(plan.dtype))
 
-        written = _write_all(out, force, _order(plans), metadata, compute, reporter)
+        prefetch = Prefetcher(reads(), inputs)
+        bias_cache: dict[str, list[torch.Tensor]] = {}
+
+        def produce(plan: _Plan, put) -> None:
+            key, g = group_of[plan.key]
+            mode = steps[plan.key]
+            if mode == "cached":
+                put(plan.key, torch.cat(bias_cache.pop(plan.key)).to(dev, plan.dtype))
+                return
+            w_len = views[key][1].get(g.W, 0) if g.joint else 0
+            for _ in block_chunks[key]:
+                chunk, buf = prefetch.next()
+                if mode == "whole":
+                    put(plan.key, chunk.to(dev, plan.dtype), None, lambda b=buf: inputs.put(b))
+                    continue
+                if mode == "weight":
+                    bias_cache.setdefault(g.b, []).append(chunk[:, w_len:].clone())
+                    part = chunk[:, :w_len]
+                else:
+                    part = chunk[:, w_len:]
+                # A one-row chunk's part is contiguous already, a view of the buffer: keep
+                # the buffer until the part is written.
+                release = lambda b=buf: inputs.put(b)  # noqa: E731
+                put(plan.key, part.to(dev, plan.dtype).contiguous(), None, release)
+
+        try:
+            written = _write_all(out, force, ordered, metadata, produce, reporter)
+        finally:
+            prefetch.close()
     return _summary("canonicalize --inverse", out, plans, written, started)

@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import queue
 import threading
-from collections.abc import Callable
+from collections import deque
+from collections.abc import Callable, Iterable
 
 import torch
 from torch import Tensor
@@ -105,41 +106,50 @@ class BackgroundWriter:
 
 
 class Prefetcher:
-    """Reads tensors in a known order on a thread, one ahead of the consumer.
+    """Runs reads in a fixed order on a thread, a few ahead of the consumer.
 
-    Each tensor lands in a buffer from ``pool``; the consumer returns the buffer (via
-    ``pool.put``) once nothing refers to it any more.
+    Each read gets a buffer from ``pool``; the consumer returns it (``pool.put``) once
+    nothing refers to it any more.
+
+    Args:
+        reads: ``(nbytes, read)`` pairs, in the order :meth:`next` will be called;
+            ``read(buffer)`` fills a ``uint8`` buffer of at least ``nbytes`` and returns the
+            tensor in it.
+        pool: Where the buffers come from.
+        ahead: How many reads may run ahead of the consumer.
     """
 
     def __init__(
-        self, read: Callable[[str, Tensor], Tensor], sizes: dict[str, int], pool: BufferPool
+        self,
+        reads: Iterable[tuple[int, Callable[[Tensor], Tensor]]],
+        pool: BufferPool,
+        ahead: int = 1,
     ) -> None:
         from concurrent.futures import ThreadPoolExecutor
 
-        self._read, self._sizes, self._pool = read, sizes, pool
-        self._keys = list(sizes)
+        self._reads, self._pool = iter(reads), pool
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="kfac-cli-reader")
-        self._futures: dict = {}
-        self._submit(0)
+        self._pending: deque = deque()
+        for _ in range(ahead + 1):
+            self._submit()
 
-    def _submit(self, i: int) -> None:
-        if i < len(self._keys) and self._keys[i] not in self._futures:
-            self._futures[self._keys[i]] = self._executor.submit(self._load, self._keys[i])
+    def _submit(self) -> None:
+        item = next(self._reads, None)
+        if item is not None:
+            self._pending.append(self._executor.submit(self._load, *item))
 
-    def _load(self, key: str) -> tuple[Tensor, Tensor]:
-        buf = self._pool.get(self._sizes[key])
+    def _load(self, nbytes: int, read: Callable[[Tensor], Tensor]) -> tuple[Tensor, Tensor]:
+        buf = self._pool.get(nbytes)
         try:
-            return self._read(key, buf), buf
+            return read(buf), buf
         except BaseException:
             self._pool.put(buf)
             raise
 
-    def get(self, key: str) -> tuple[Tensor, Tensor]:
-        """The tensor ``key`` and its buffer; starts reading the one after it."""
-        i = self._keys.index(key)
-        self._submit(i)
-        future = self._futures.pop(key)
-        self._submit(i + 1)
+    def next(self) -> tuple[Tensor, Tensor]:
+        """The next tensor and its buffer; starts another read."""
+        future = self._pending.popleft()
+        self._submit()
         return future.result()
 
     def close(self) -> None:

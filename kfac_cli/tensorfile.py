@@ -189,9 +189,11 @@ class SafetensorsFile:
             raise KfacCliError(path, None, f"tensor data ending at byte {position}", found)
         return infos, metadata
 
-    def read(self, name: str, out: Tensor | None = None) -> Tensor:
-        """Read one tensor into fresh CPU memory, or into the ``uint8`` buffer ``out``."""
-        return read_into(self._fh, self.infos[name], out)
+    def read(
+        self, name: str, out: Tensor | None = None, rows: tuple[int, int, int] | None = None
+    ) -> Tensor:
+        """Read one tensor (or some of its rows, see :func:`read_into`) into CPU memory."""
+        return read_into(self._fh, self.infos[name], out, rows)
 
     def close(self) -> None:
         self._fh.close()
@@ -209,21 +211,49 @@ def _buffer(t: Tensor) -> memoryview:
     return memoryview((ctypes.c_char * n).from_address(t.data_ptr())).cast("B")
 
 
-def read_into(fh: BinaryIO, info: TensorInfo, out: Tensor | None = None) -> Tensor:
-    """Read ``info``'s bytes from ``fh`` straight into a new tensor (or into ``out``'s bytes)."""
-    if out is None:
-        t = torch.empty(info.shape, dtype=info.dtype)
+def read_into(
+    fh: BinaryIO,
+    info: TensorInfo,
+    out: Tensor | None = None,
+    rows: tuple[int, int, int] | None = None,
+) -> Tensor:
+    """Read ``info``'s tensor from ``fh`` straight into memory (no copy, no memory map).
+
+    Args:
+        fh: The open file.
+        info: Where the tensor lies.
+        out: A ``uint8`` buffer to read into (default: fresh memory).
+        rows: ``(row_len, start, stop)`` to read only rows ``start:stop`` of the tensor seen
+            as ``[-1, row_len]`` (rows are contiguous bytes: batch chunks, weight rows).
+
+    Returns:
+        ``info.shape``, or ``[stop - start, row_len]`` with ``rows``.
+    """
+    if rows is None:
+        shape, begin, nbytes = info.shape, info.begin, info.nbytes
     else:
-        t = out[: info.nbytes].view(info.dtype).view(info.shape)
-    if info.nbytes == 0:
+        row_len, start, stop = rows
+        row_bytes = row_len * info.dtype.itemsize
+        shape, begin, nbytes = (
+            (stop - start, row_len),
+            info.begin + start * row_bytes,
+            (stop - start) * row_bytes,
+        )
+        if begin + nbytes > info.end:
+            raise ValueError(f"rows {start}:{stop} of {row_len} lie outside the tensor")
+    if out is None:
+        t = torch.empty(shape, dtype=info.dtype)
+    else:
+        t = out[:nbytes].view(info.dtype).view(shape)
+    if nbytes == 0:
         return t
     view = _buffer(t)
-    fh.seek(info.begin)
+    fh.seek(begin)
     done = 0
-    while done < info.nbytes:
+    while done < nbytes:
         got = fh.readinto(view[done:])
         if not got:
-            raise KfacCliError(info.file, None, f"{info.nbytes} bytes", f"{done} (file shrank)")
+            raise KfacCliError(info.file, None, f"{nbytes} bytes", f"{done} (file shrank)")
         done += got
     return t
 
@@ -306,9 +336,11 @@ class TensorSource:
     def keys(self) -> list[str]:
         return list(self.infos)
 
-    def read(self, name: str, out: Tensor | None = None) -> Tensor:
-        """Read one tensor into CPU memory (into the ``uint8`` buffer ``out`` if given)."""
-        return self._file_of[name].read(name, out)
+    def read(
+        self, name: str, out: Tensor | None = None, rows: tuple[int, int, int] | None = None
+    ) -> Tensor:
+        """Read one tensor (or some of its rows, see :func:`read_into`) into CPU memory."""
+        return self._file_of[name].read(name, out, rows)
 
     def close(self) -> None:
         for f in self.files:
@@ -370,24 +402,15 @@ class SafetensorsWriter:
         self.bytes_written += len(data)
 
     def write(self, name: str, chunk: Tensor) -> None:
-        """Write the next tensor, whole or as consecutive chunks of its first axis."""
+        """Write the next tensor's bytes, whole or in consecutive chunks of any shape."""
         if self._current is None or self._left == 0:
             self._current = next(self._pending, None)
-            self._left = (
-                0 if self._current is None else prod(self._current[2]) * self._current[1].itemsize
-            )
+            if self._current is not None:
+                self._left = prod(self._current[2]) * self._current[1].itemsize
         want = self._current
-        got = (name, chunk.dtype, tuple(chunk.shape))
-        whole = want is not None and got == want
-        part = (
-            want is not None
-            and name == want[0]
-            and chunk.dtype == want[1]
-            and len(want[2]) > 0
-            and tuple(chunk.shape[1:]) == tuple(want[2][1:])
-        )
         nbytes = chunk.numel() * chunk.element_size()
-        if not (whole or part) or nbytes > self._left:
+        if want is None or name != want[0] or chunk.dtype != want[1] or nbytes > self._left:
+            got = (name, chunk.dtype, tuple(chunk.shape))
             raise RuntimeError(f"tensor written out of order: expected {want}, got {got}")
         t = chunk.detach().to("cpu").contiguous()
         if nbytes:
@@ -419,8 +442,13 @@ class DictSource:
     def keys(self) -> list[str]:
         return list(self.infos)
 
-    def read(self, name: str, out: Tensor | None = None) -> Tensor:
+    def read(
+        self, name: str, out: Tensor | None = None, rows: tuple[int, int, int] | None = None
+    ) -> Tensor:
         t = self._tensors[name]
+        if rows is not None:
+            row_len, start, stop = rows
+            t = t.reshape(-1, row_len)[start:stop] if row_len else t.new_empty(stop - start, 0)
         if out is None:
             return t.contiguous()
         return out[: t.numel() * t.element_size()].view(t.dtype).view(t.shape).copy_(t)
