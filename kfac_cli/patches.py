@@ -91,12 +91,16 @@ def conv_patches(
     dst = out[..., :cols].unflatten(2, (channels, *params.kernel_size)).unflatten(1, out_size)
     sample_bytes = max(1, prod(shape[1:]) * out.element_size())
     step = max(1, CACHE_CHUNK_BYTES // sample_bytes)
+    zeros = params.padding_mode == "zeros"
     for start in range(0, batch, step):
-        xp = _pad(x[start : start + step], params.pads(), params.padding_mode)
+        xb, part = x[start : start + step], dst[start : start + step]
         if channels >= MIN_CHANNELS_FOR_TAPS:
-            _copy_per_tap(xp, params, out_size, dst[start : start + step])
+            # Zero padding is never materialised: taps copy what they read, zero the rest.
+            pads = params.pads() if zeros else tuple((0, 0) for _ in out_size)
+            xp = xb if zeros else _pad(xb, params.pads(), params.padding_mode)
+            _copy_per_tap(xp, pads, params, out_size, part)
         else:
-            _copy_strided(xp, params, out_size, dst[start : start + step])
+            _copy_strided(_pad(xb, params.pads(), params.padding_mode), params, out_size, part)
     return out
 
 
@@ -107,20 +111,44 @@ CACHE_CHUNK_BYTES = 4 * 2**20
 MIN_CHANNELS_FOR_TAPS = 4
 
 
-def _copy_per_tap(xp: Tensor, params: ConvParams, out_size, dst: Tensor) -> None:
-    """``dst[b, o.., c, k..] = xp[b, c, o*S + k*D]``, one channels-last copy per tap ``k``.
+def _copy_per_tap(
+    x: Tensor, pads: Sequence[tuple[int, int]], params: ConvParams, out_size, dst: Tensor
+) -> None:
+    """``dst[b, o.., c, k..] = x[b, c, o*S + k*D - P_left]`` (zero where that is padding).
+
+    One strided copy per kernel tap ``k`` from a channels-last copy of ``x`` (channels
+    become the inner loop); the output rows whose tap reads padding are zeroed instead.
 
     Args:
-        xp: Padded input ``[B, C, P_1..P_N]``.
+        x: Input ``[B, C, I_1..I_N]``, to be zero-padded by ``pads``.
         dst: View ``[B, O_1..O_N, C, K_1..K_N]`` of the output.
     """
-    cl = xp.movedim(1, -1).contiguous()  # [B, P_1..P_N, C]: channels become the inner loop
+    if prod(params.kernel_size) == 1 and not any(left for left, _ in pads):
+        window = tuple(slice(0, s * (o - 1) + 1, s) for s, o in zip(params.stride, out_size))
+        src = x[(slice(None), slice(None), *window)].movedim(1, -1)
+        dst[(Ellipsis, *(0,) * len(out_size))].copy_(src)
+        return
+    cl = x.movedim(1, -1).contiguous()  # [B, I_1..I_N, C]
+    sizes = cl.shape[1:-1]
     for taps in itertools.product(*(range(k) for k in params.kernel_size)):
-        window = tuple(
-            slice(t * d, t * d + s * (o - 1) + 1, s)
-            for t, d, s, o in zip(taps, params.dilation, params.stride, out_size)
-        )
-        dst[(Ellipsis, *taps)].copy_(cl[(slice(None), *window)])
+        tap = dst[(Ellipsis, *taps)]  # [B, O_1..O_N, C]
+        src, out_rows, edges = [], [], []
+        for n, (t, d, s, o, (left, _), size) in enumerate(
+            zip(taps, params.dilation, params.stride, out_size, pads, sizes)
+        ):
+            first = t * d - left  # input index read by output 0
+            lo = 0 if first >= 0 else (s - 1 - first) // s
+            hi = min(o - 1, (size - 1 - first) // s) if size - 1 - first >= 0 else -1
+            src.append(slice(first + lo * s, first + hi * s + 1, s) if hi >= lo else None)
+            out_rows.append(slice(lo, hi + 1))
+            edges.append((n, lo, hi, o))
+        if any(w is None for w in src):
+            tap.zero_()
+            continue
+        tap[(slice(None), *out_rows)].copy_(cl[(slice(None), *src)])
+        for n, lo, hi, o in edges:
+            tap.narrow(1 + n, 0, lo).zero_()
+            tap.narrow(1 + n, hi + 1, o - hi - 1).zero_()
 
 
 def _copy_strided(xp: Tensor, params: ConvParams, out_size, dst: Tensor) -> None:
