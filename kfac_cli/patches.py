@@ -123,7 +123,7 @@ def _copy_per_tap(
         x: Input ``[B, C, I_1..I_N]``, to be zero-padded by ``pads``.
         dst: View ``[B, O_1..O_N, C, K_1..K_N]`` of the output.
     """
-    if prod(params.kernel_size) == 1 and not any(left for left, _ in pads):
+    if prod(params.kernel_size) == 1 and not any(left or right for left, right in pads):
         window = tuple(slice(0, s * (o - 1) + 1, s) for s, o in zip(params.stride, out_size))
         src = x[(slice(None), slice(None), *window)].movedim(1, -1)
         dst[(Ellipsis, *(0,) * len(out_size))].copy_(src)

@@ -73,6 +73,15 @@ CASES = [
     ),
     ("3d-same-k2", 3, 2, (4, 5, 4), dict(kernel_size=2, padding="same")),
     ("3d-replicate", 3, 2, (4, 4, 5), dict(kernel_size=3, padding=1, padding_mode="replicate")),
+    # Enough channels (after the group mean) for the per-tap copy path.
+    ("1d-wide-d3", 1, 6, (17,), dict(kernel_size=4, dilation=3, padding=5, stride=2)),
+    ("2d-wide-same-k4", 2, 8, (7, 6), dict(kernel_size=4, padding="same")),
+    ("2d-wide-big-pad", 2, 6, (5, 6), dict(kernel_size=3, padding=(4, 7), dilation=(3, 4))),
+    ("2d-wide-1x1-s2", 2, 5, (7, 8), dict(kernel_size=1, stride=2)),
+    ("2d-wide-1x1-pad", 2, 5, (4, 3), dict(kernel_size=1, padding=1)),
+    ("2d-wide-groups", 2, 12, (6, 6), dict(kernel_size=3, padding=1, groups=2)),
+    ("2d-wide-reflect", 2, 6, (6, 7), dict(kernel_size=3, padding=2, padding_mode="reflect")),
+    ("3d-wide", 3, 5, (5, 6, 4), dict(kernel_size=(3, 2, 3), padding=(1, 0, 2), stride=(2, 1, 1))),
 ]
 IDS = [c[0] for c in CASES]
 DTYPES = [torch.float32, torch.float64]
@@ -203,7 +212,7 @@ def test_linear_layouts():
 @given(
     n=st.integers(1, 3),
     batch=st.integers(1, 3),
-    c=st.integers(1, 3),
+    c=st.integers(1, 6),
     g=st.integers(1, 3),
     k=st.lists(st.integers(1, 4), min_size=3, max_size=3),
     s=st.lists(st.integers(1, 3), min_size=3, max_size=3),
@@ -254,7 +263,7 @@ def test_agrees_with_curvlinops(case):
         dilation=kwargs.get("dilation", 1),
         groups=kwargs.get("groups", 1),
     )
-    params = ConvParams.create(**kw)
+    params = ConvParams.create(**kw, n=2)
     if any(left != right for left, right in params.pads()):
         pytest.skip("the reference refuses unequal padding")
     x = torch.randn(3, c_in, *size)
