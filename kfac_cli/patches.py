@@ -89,6 +89,9 @@ def conv_patches(
         if bias_column:
             out[..., -1] = 1
     dst = out[..., :cols].unflatten(2, (channels, *params.kernel_size)).unflatten(1, out_size)
+    if x.device.type != "cpu":  # one strided-copy kernel beats many small launches
+        _copy_strided(_pad(x, params.pads(), params.padding_mode), params, out_size, dst)
+        return out
     sample_bytes = max(1, prod(shape[1:]) * out.element_size())
     step = max(1, CACHE_CHUNK_BYTES // sample_bytes)
     zeros = params.padding_mode == "zeros"
