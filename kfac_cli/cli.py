@@ -338,7 +338,7 @@ def patches(
     _check_stdout(output, as_json)
 
     def make(reporter):
-        from kfac_cli.jobs import run_patches
+        from kfac_cli.patches_job import run_patches
 
         return lambda: run_patches(
             model,
@@ -443,7 +443,7 @@ def canonicalize(
         )
 
     def make(reporter):
-        from kfac_cli import jobs
+        from kfac_cli import canonical_job
 
         common = dict(
             dtype=dtype.value if dtype else None,
@@ -455,8 +455,10 @@ def canonicalize(
         )
         if inverse:
             model = inputs[0] if len(inputs) == 2 else None
-            return lambda: jobs.run_uncanonicalize(inputs[-1], output, model=model, **common)
-        return lambda: jobs.run_canonicalize(
+            return lambda: canonical_job.run_uncanonicalize(
+                inputs[-1], output, model=model, **common
+            )
+        return lambda: canonical_job.run_canonicalize(
             inputs[0],
             inputs[1],
             output,

@@ -16,7 +16,7 @@ from safetensors.torch import load_file, save_file
 
 from kfac_cli.checkpoints import load_layer_table
 from kfac_cli.patches import layer_patches
-from tests.conftest import invoke, kfac_cli_exe, run_cli
+from tests.conftest import CUDA, invoke, kfac_cli_exe, run_cli
 from tests.models import MLPStack, ResNetLike, record_activations, write_model_files
 
 CONV = {"conv1d": F.conv1d, "conv2d": F.conv2d, "conv3d": F.conv3d}
@@ -231,7 +231,7 @@ def test_bounded_memory(tmp_path):
         [
             sys.executable,
             "-c",
-            "import resource, torch, kfac_cli.jobs;"
+            "import resource, torch, kfac_cli.patches_job;"
             "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024)",
         ],
         capture_output=True,
@@ -450,3 +450,38 @@ def test_usage_errors_exit_2(args, tmp_path):
     assert proc.returncode == 2, proc.stderr
     assert b"Traceback" not in proc.stderr
     assert list(tmp_path.iterdir()) == []
+
+
+@CUDA
+@pytest.mark.cuda
+@pytest.mark.parametrize("approx", ["expand", "reduce"])
+def test_patches_on_cuda_match_cpu(cnn, tmp_path, approx):
+    _, files = cnn
+    outs = {}
+    for dev in ("cpu", "cuda"):
+        outs[dev] = tmp_path / f"{dev}.safetensors"
+        run_cli(
+            "patches",
+            files["pt2"],
+            files["acts"],
+            "-o",
+            outs[dev],
+            "--approx",
+            approx,
+            "--device",
+            dev,
+            check=True,
+        )
+    a, b = load_file(outs["cpu"]), load_file(outs["cuda"])
+    for k in a:
+        torch.testing.assert_close(b[k], a[k], rtol=1e-6, atol=1e-7)
+
+
+def test_unavailable_device_is_a_clear_error(cnn, tmp_path):
+    _, files = cnn
+    bad = "cuda:99" if torch.cuda.is_available() else "cuda"
+    proc = invoke("patches", files["pt2"], files["acts"], "-o", tmp_path / "o", "--device", bad)
+    assert proc.returncode == 1
+    assert proc.stderr.decode().startswith("Error: --device: expected an available")
+    proc = invoke("patches", files["pt2"], files["acts"], "-o", tmp_path / "o", "--device", "tpu")
+    assert proc.returncode == 1 and b"cpu, cuda, cuda:N, mps or auto" in proc.stderr

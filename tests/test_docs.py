@@ -58,7 +58,9 @@ def test_ruff_clean():
     assert proc.returncode == 0, proc.stdout
 
 
-@pytest.mark.parametrize("script", ["quickstart.py", "record_activations.py", "kfac_step.py"])
+@pytest.mark.parametrize(
+    "script", ["quickstart.py", "record_activations.py", "kfac_step.py", "plot_factor.py"]
+)
 def test_example_runs_and_checks_itself(script, tmp_path):
     proc = subprocess.run(
         [sys.executable, str(ROOT / "examples" / script), str(tmp_path / "out")],

@@ -491,3 +491,27 @@ def test_fuzzed_inputs_never_crash(base, tmp_path_factory, data):
     if proc.returncode:
         assert stderr.startswith("Error: ") and not out.exists()
     assert sorted(p.name for p in folder.iterdir()) in ([bad.name], sorted([bad.name, out.name]))
+
+
+@pytest.mark.parametrize("case", ST_CASES)
+def test_corrupt_dump_as_subprocess(base, outdir, tmp_path, case):
+    """The same contract from the installed CLI: exit code, one line, nothing written."""
+    bad = tmp_path / f"bad-{case}.safetensors"
+    bad.write_bytes(_corrupt_safetensors(base["acts"].read_bytes(), case))
+    out = outdir / "out.safetensors"
+    _check_failure(
+        run_cli("patches", base["pt2"], bad, "-o", out, "--force"), bad, outdir, b"old result"
+    )
+
+
+@pytest.mark.parametrize("case", ["dotdot", "bomb", "garbage-zip", "pickle-renamed"])
+def test_bad_pt2_as_subprocess(base, outdir, tmp_path, case):
+    pt2 = tmp_path / f"{case}.pt2"
+    if case == "garbage-zip":
+        with zipfile.ZipFile(pt2, "w") as z:
+            z.writestr("random/stuff.bin", os.urandom(100))
+    elif case == "pickle-renamed":
+        pt2.write_bytes(_pickle_bytes())
+    else:
+        _pt2_variant(base["pt2"], case, pt2)
+    _check_failure(run_cli("layers", pt2), pt2, outdir, b"old result")
