@@ -124,13 +124,24 @@ def release_all(fns: list) -> Callable[[], None]:
     return lambda: [f() for f in fns]
 
 
-def summary(command: str, out: str, plans: list[Plan], written: int, started: float) -> dict:
+def summary(
+    command: str,
+    out: str,
+    plans: list[Plan],
+    written: int,
+    started: float,
+    items: str = "tensors",
+    **fields: object,
+) -> dict:
+    """The ``--json`` summary: what was written, with shapes, bytes and seconds."""
     return {
         "command": command,
         "output": out,
-        "tensors": [
+        **fields,
+        items: [
             {
                 "name": p.key,
+                **({"input_shape": p.meta["input_shape"]} if "input_shape" in p.meta else {}),
                 "shape": list(p.shape),
                 "dtype": str(p.dtype).removeprefix("torch."),
                 "bytes": p.nbytes,

@@ -26,6 +26,7 @@ from kfac_cli.jobs import (
     near,
     order,
     release_all,
+    summary,
     write_all,
 )
 from kfac_cli.layers import Layer
@@ -162,23 +163,7 @@ def run_patches(
             written = write_all(out, force, ordered, metadata, produce, reporter)
         finally:
             prefetch.close()
-    return {
-        "command": "patches",
-        "output": out,
-        "approx": approx.value,
-        "layers": [
-            {
-                "name": p.key,
-                "input_shape": p.meta["input_shape"],
-                "shape": list(p.shape),
-                "dtype": str(p.dtype).removeprefix("torch."),
-                "bytes": p.nbytes,
-            }
-            for p in plans
-        ],
-        "bytes": written,
-        "seconds": round(time.perf_counter() - started, 4),
-    }
+    return summary("patches", out, plans, written, started, items="layers", approx=approx.value)
 
 
 def _plan_layer(

@@ -34,7 +34,6 @@ def main() -> None:
     args = parser.parse_args()
     from safetensors.torch import load_file
 
-    from kfac_cli.conv import ConvParams
     from kfac_cli.patches import conv_averaged_patches, conv_patches
     from tests.benchmarks.workload import PRESETS, layers, write
 
@@ -92,15 +91,7 @@ def main() -> None:
     dev = torch.device("cuda")
     total_bytes, t_expand, t_reduce, in_bytes = 0, 0.0, 0.0, 0
     for layer in layers():
-        kw = {k: v for k, v in layer.kwargs.items() if k != "bias"}
-        params = ConvParams.create(
-            kw["kernel_size"],
-            kw.get("stride", 1),
-            kw.get("padding", 0),
-            kw.get("dilation", 1),
-            kw.get("groups", 1),
-            n=2,
-        )
+        params = layer.params()
         x = torch.randn(batch, layer.c_in, *layer.size, device=dev)
         shape = (batch, prod(params.output_size(layer.size)), params.patch_size(layer.c_in))
         out = torch.empty(shape, device=dev)

@@ -207,7 +207,6 @@ def bench_kernels(folder: Path, args, report: dict) -> None:
     """In-memory kernels, layer by layer, alternating; sums over layers, medians over runs."""
     import torch
 
-    from kfac_cli.conv import ConvParams
     from kfac_cli.jobs import CHUNK_BYTES
     from kfac_cli.patches import conv_averaged_patches, conv_patches
     from tests.benchmarks.workload import PRESETS, layers
@@ -223,15 +222,7 @@ def bench_kernels(folder: Path, args, report: dict) -> None:
     expand_identical = True
     buf = None
     for layer in layers():
-        kw = {k: v for k, v in layer.kwargs.items() if k != "bias"}
-        params = ConvParams.create(
-            kw["kernel_size"],
-            kw.get("stride", 1),
-            kw.get("padding", 0),
-            kw.get("dilation", 1),
-            kw.get("groups", 1),
-            n=2,
-        )
+        params = layer.params()
         x = torch.randn(batch, layer.c_in, *layer.size, device=dev)
         shape = (batch, prod(params.output_size(layer.size)), params.patch_size(layer.c_in))
         nbytes = prod(shape) * 4

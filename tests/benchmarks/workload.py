@@ -31,6 +31,20 @@ class ConvLayer:
     def module(self) -> nn.Conv2d:
         return nn.Conv2d(self.c_in, self.c_out, **self.kwargs)
 
+    def params(self):
+        """The layer's :class:`kfac_cli.conv.ConvParams`."""
+        from kfac_cli.conv import ConvParams
+
+        kw = self.kwargs
+        return ConvParams.create(
+            kw["kernel_size"],
+            kw.get("stride", 1),
+            kw.get("padding", 0),
+            kw.get("dilation", 1),
+            kw.get("groups", 1),
+            n=2,
+        )
+
 
 def _resnet18() -> list[ConvLayer]:
     layers = [
