@@ -139,10 +139,8 @@ def _copy_per_tap(
         for n, (t, d, s, o, (left, _), size) in enumerate(
             zip(taps, params.dilation, params.stride, out_size, pads, sizes)
         ):
-            first = t * d - left  # input index read by output 0
-            lo = 0 if first >= 0 else (s - 1 - first) // s
-            hi = min(o - 1, (size - 1 - first) // s) if size - 1 - first >= 0 else -1
-            src.append(slice(first + lo * s, first + hi * s + 1, s) if hi >= lo else None)
+            lo, hi = _tap_outputs(size, left, t, s, d, o)
+            src.append(_tap_window(size, left, t, s, d, o))
             out_rows.append(slice(lo, hi + 1))
             edges.append((n, lo, hi, o))
         if any(w is None for w in src):
@@ -171,6 +169,36 @@ def _copy_strided(xp: Tensor, params: ConvParams, out_size, dst: Tensor) -> None
     dst.copy_(view)
 
 
+# Below these sizes (inputs of a ResNet's later stages) the whole-pattern product wins.
+SMALL_SPATIAL = 1024
+SHORT_ROW = 16
+
+
+def _tap_outputs(size: int, pad_left: int, j: int, s: int, d: int, o: int) -> tuple[int, int]:
+    """Outputs ``lo..hi`` whose tap ``j`` reads inside the input (``o*S + j*D - P_left``)."""
+    first = j * d - pad_left
+    lo = 0 if first >= 0 else (s - 1 - first) // s
+    hi = min(o - 1, (size - 1 - first) // s) if size - 1 - first >= 0 else -1
+    return lo, hi
+
+
+def _tap_window(size: int, pad_left: int, j: int, s: int, d: int, o: int) -> slice | None:
+    """The inputs tap ``j`` reads, as a strided slice (``None`` if it reads only padding)."""
+    lo, hi = _tap_outputs(size, pad_left, j, s, d, o)
+    first = j * d - pad_left
+    return slice(first + lo * s, first + hi * s + 1, s) if hi >= lo else None
+
+
+def _tap_counts(size: int, pad_left: int, k: int, s: int, d: int, o: int) -> Tensor:
+    """One dim's index pattern summed over output locations: ``[K, I]`` of 0/1."""
+    counts = torch.zeros(k, size, dtype=torch.float64)
+    for j in range(k):
+        window = _tap_window(size, pad_left, j, s, d, o)
+        if window is not None:
+            counts[j, window] = 1
+    return counts
+
+
 def _tap_sums(t: Tensor, dim: int, pad_left: int, k: int, s: int, d: int, o: int) -> Tensor:
     """Contract one spatial dim with its index pattern summed over output locations.
 
@@ -186,13 +214,11 @@ def _tap_sums(t: Tensor, dim: int, pad_left: int, k: int, s: int, d: int, o: int
     total = None
     taps = []
     for j in range(k):
-        first = j * d - pad_left
-        lo = 0 if first >= 0 else (s - 1 - first) // s
-        hi = min(o - 1, (size - 1 - first) // s) if size - 1 - first >= 0 else -1
-        if hi < lo:
+        window = _tap_window(size, pad_left, j, s, d, o)
+        if window is None:
             taps.append(t.narrow(dim, 0, 0).sum(dim))
             continue
-        start, stop = first + lo * s, first + hi * s + 1
+        start, stop = window.start, window.stop
         if s == 1 and 2 * (stop - start) > size:
             if total is None:
                 total = t.sum(dim)
@@ -231,19 +257,35 @@ def conv_averaged_patches(x: Tensor, params: ConvParams, bias_column: bool = Fal
     if params.padding_mode != "zeros":
         x = _pad(x, pads, params.padding_mode)
         pads = tuple((0, 0) for _ in pads)
-    t = x
-    for n in range(params.ndim):
-        t = _tap_sums(
-            t,
-            2 + n,
-            pads[n][0],
-            params.kernel_size[n],
-            params.stride[n],
-            params.dilation[n],
-            out_size[n],
-        )
+    spatial = x.shape[2:]
+    if prod(spatial) <= SMALL_SPATIAL and spatial[-1] < SHORT_ROW:
+        # Reductions over short rows are slow: one product with the whole index pattern.
+        pattern = torch.ones((1, 1), dtype=torch.float64, device=x.device)
+        for n in range(params.ndim):
+            counts = _tap_counts(
+                spatial[n],
+                pads[n][0],
+                params.kernel_size[n],
+                params.stride[n],
+                params.dilation[n],
+                out_size[n],
+            )
+            pattern = torch.kron(pattern, counts.to(x.device))
+        t = x.reshape(x.shape[0] * x.shape[1], -1) @ pattern.T.to(x.dtype)
+    else:
+        t = x
+        for n in range(params.ndim):
+            t = _tap_sums(
+                t,
+                2 + n,
+                pads[n][0],
+                params.kernel_size[n],
+                params.stride[n],
+                params.dilation[n],
+                out_size[n],
+            )
     batch = x.shape[0]
-    cols = t[0].numel()
+    cols = x.shape[1] * prod(params.kernel_size)
     out = _with_bias_column((batch, cols), bias_column, x)
     torch.div(t.reshape(batch, cols), prod(out_size), out=out[:, :cols])
     return out
