@@ -485,3 +485,15 @@ def test_unavailable_device_is_a_clear_error(cnn, tmp_path):
     assert proc.stderr.decode().startswith("Error: --device: expected an available")
     proc = invoke("patches", files["pt2"], files["acts"], "-o", tmp_path / "o", "--device", "tpu")
     assert proc.returncode == 1 and b"cpu, cuda, cuda:N, mps or auto" in proc.stderr
+
+
+def test_canonicalize_weights_only_pt_tensors(cnn, tmp_path):
+    model, files = cnn
+    _, tensors = _param_file(model, tmp_path)
+    pt = tmp_path / "grads.pt"
+    torch.save(tensors, pt)
+    canon, back = tmp_path / "c.safetensors", tmp_path / "back.safetensors"
+    assert invoke("canonicalize", files["pt2"], pt, "-o", canon, "--keep-untreated").returncode == 0
+    assert invoke("canonicalize", "--inverse", canon, "-o", back).returncode == 0
+    got = load_file(back)
+    assert all(torch.equal(got[k], v) for k, v in tensors.items())

@@ -202,3 +202,23 @@ def test_torch_force_no_weights_only_load_cannot_unlock_pickles(cnn, tmp_path):
     assert proc.returncode == 1
     assert b"weights-only" in proc.stderr
     assert os.path.exists(files["pickle"])
+
+
+def test_layers_json_has_the_documented_fields(cnn):
+    _, files = cnn
+    doc = json.loads(run_cli("layers", files["pt2"], "--json", check=True).stdout)
+    assert set(doc) == {
+        "format",
+        "version",
+        "source",
+        "layers",
+        "untreated",
+        "parameters",
+        "buffers",
+    }
+    common = {"name", "kind", "weight", "bias", "weight_shape", "calls", "canonical_size"}
+    conv = common | {"kernel_size", "stride", "padding", "dilation", "groups", "padding_mode"}
+    for layer in doc["layers"]:
+        assert set(layer) == (common if layer["kind"] == "linear" else conv), layer["name"]
+    assert all(set(u) == {"name", "shape", "used_by"} for u in doc["untreated"])
+    assert all(set(p) == {"name", "shape"} for p in doc["parameters"])
