@@ -138,11 +138,8 @@ def group_to_canonical(
     lead: int = 0,
     trail: int = 0,
     layout: str = "flat",
-    out: Tensor | None = None,
 ) -> Tensor:
     """One group's tensors ``[*lead, *param_shape, *trail]`` to its canonical block.
-
-    ``out`` (joint groups only) is a contiguous buffer of the block's size to write into.
 
     Returns:
         ``[*lead, *block_shape(g, shapes, layout), *trail]``.
@@ -159,9 +156,7 @@ def group_to_canonical(
     if g.joint:
         w = tensors[g.W].reshape(*lead_shape, rows_cols[0], rows_cols[1] - 1, *trail_shape)  # type: ignore[index]
         b = tensors[g.b].unsqueeze(lead + 1)  # type: ignore[index]
-        if out is not None:
-            out = out.view(*lead_shape, *rows_cols, *trail_shape)
-        block = torch.cat([w, b], dim=lead + 1, out=out)
+        block = torch.cat([w, b], dim=lead + 1)
     else:
         block = first.reshape(*lead_shape, *rows_cols, *trail_shape)
     shape = block_shape(g, shapes, layout)

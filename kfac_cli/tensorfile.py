@@ -49,10 +49,6 @@ DTYPES: dict[str, torch.dtype] = {
 DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
 
 
-def _strerror(e: OSError) -> str:
-    return e.strerror or type(e).__name__
-
-
 def open_readable(path: Path) -> BinaryIO:
     """Open a regular file for reading, mapping OS problems to :class:`KfacCliError`."""
     if path.is_dir():
@@ -62,7 +58,7 @@ def open_readable(path: Path) -> BinaryIO:
     except FileNotFoundError:
         raise KfacCliError(path, None, "an existing file", "no such file") from None
     except OSError as e:
-        raise KfacCliError(path, None, "a readable file", _strerror(e)) from None
+        raise KfacCliError(path, None, "a readable file", e.strerror or type(e).__name__) from None
 
 
 def sniff(head: bytes) -> str:
@@ -333,9 +329,6 @@ class TensorSource:
                 "a key the index does not name",
             )
 
-    def keys(self) -> list[str]:
-        return list(self.infos)
-
     def read(
         self, name: str, out: Tensor | None = None, rows: tuple[int, int, int] | None = None
     ) -> Tensor:
@@ -438,9 +431,6 @@ class DictSource:
             k: TensorInfo(self.path, v.dtype, tuple(v.shape), 0, v.numel() * v.element_size())
             for k, v in self._tensors.items()
         }
-
-    def keys(self) -> list[str]:
-        return list(self.infos)
 
     def read(
         self, name: str, out: Tensor | None = None, rows: tuple[int, int, int] | None = None
