@@ -232,6 +232,19 @@ def _pt2_variant(valid: Path, case: str, dest: Path) -> None:
             out.writestr(info.filename, data)
 
 
+def _bad_pt2(base, folder: Path, case: str) -> Path:
+    """A broken or hostile ``.pt2``: a variant of the valid one, a zip of garbage, a pickle."""
+    pt2 = folder / f"{case}.pt2"
+    if case == "garbage-zip":
+        with zipfile.ZipFile(pt2, "w") as z:
+            z.writestr("random/stuff.bin", os.urandom(100))
+    elif case == "pickle-renamed":
+        pt2.write_bytes(_pickle_bytes())
+    else:
+        _pt2_variant(base["pt2"], case, pt2)
+    return pt2
+
+
 def _pickle_bytes() -> bytes:
     buf = io.BytesIO()
     torch.save(Payload(MARKER), buf, _use_new_zipfile_serialization=False)
@@ -266,14 +279,7 @@ def test_pt2_hidden_pickles_never_run(base, outdir, tmp_path, case):
     ],
 )
 def test_bad_pt2(base, outdir, tmp_path, case):
-    pt2 = tmp_path / f"{case}.pt2"
-    if case == "garbage-zip":
-        with zipfile.ZipFile(pt2, "w") as z:
-            z.writestr("random/stuff.bin", os.urandom(100))
-    elif case == "pickle-renamed":
-        pt2.write_bytes(_pickle_bytes())
-    else:
-        _pt2_variant(base["pt2"], case, pt2)
+    pt2 = _bad_pt2(base, tmp_path, case)
     for argv in (
         ["layers", pt2],
         ["patches", pt2, base["acts"], "-o", outdir / "out.safetensors", "--force"],
@@ -506,12 +512,5 @@ def test_corrupt_dump_as_subprocess(base, outdir, tmp_path, case):
 
 @pytest.mark.parametrize("case", ["dotdot", "bomb", "garbage-zip", "pickle-renamed"])
 def test_bad_pt2_as_subprocess(base, outdir, tmp_path, case):
-    pt2 = tmp_path / f"{case}.pt2"
-    if case == "garbage-zip":
-        with zipfile.ZipFile(pt2, "w") as z:
-            z.writestr("random/stuff.bin", os.urandom(100))
-    elif case == "pickle-renamed":
-        pt2.write_bytes(_pickle_bytes())
-    else:
-        _pt2_variant(base["pt2"], case, pt2)
+    pt2 = _bad_pt2(base, tmp_path, case)
     _check_failure(run_cli("layers", pt2), pt2, outdir, b"old result")
