@@ -23,7 +23,6 @@ from kfac_cli.jobs import (
     meta_json,
     near,
     order,
-    release_all,
     summary,
     write_all,
 )
@@ -148,40 +147,30 @@ def run_canonicalize(
         ordered = order(plans)
         rows = {p.key: _row_view(by_key[p.key], shapes, lead_shape, trail_shape) for p in ordered}
         row_chunks = {p.key: chunks(rows[p.key][0], p.nbytes) for p in ordered}
-        inputs, outputs = BufferPool(4, CPU), BufferPool(3, CPU)
+        blocks = BufferPool(4, CPU)
+
+        def read_block(buf: torch.Tensor, plan: Plan, start: int, stop: int) -> torch.Tensor:
+            """Rows ``start:stop`` of a block: each parameter's rows read into their columns."""
+            lens = rows[plan.key][1]
+            block = view(buf, plan.dtype, (stop - start, sum(lens.values())))
+            col = 0
+            for name, row_len in lens.items():  # joint: weight row, then bias entry
+                src.read_rows_into(name, (row_len, start, stop), block[:, col : col + row_len])
+                col += row_len
+            return block
 
         def reads():
             for p in ordered:
                 for start, stop in row_chunks[p.key]:
-                    for name, row_len in rows[p.key][1].items():
-                        info = src.infos[name]
-                        yield (
-                            (stop - start) * row_len * info.dtype.itemsize,
-                            lambda buf, n=name, r=(row_len, start, stop): src.read(n, buf, r),
-                        )
+                    nbytes = (stop - start) * sum(rows[p.key][1].values()) * p.dtype.itemsize
+                    yield nbytes, lambda buf, p=p, a=start, b=stop: read_block(buf, p, a, b)
 
-        prefetch = Prefetcher(reads(), inputs, ahead=2)
+        prefetch = Prefetcher(reads(), blocks, ahead=2)
 
         def produce(plan: Plan, put) -> None:
-            g = by_key[plan.key]
-            for start, stop in row_chunks[plan.key]:
-                got = [prefetch.next() for _ in g.names]
-                parts = [t.to(dev, plan.dtype) for t, _ in got]
-                release = []
-                if len(parts) == 1:
-                    block = parts[0]
-                    release += [lambda b=b: inputs.put(b) for _, b in got]
-                else:  # joint: each output unit's weight row, then its bias entry
-                    width = sum(t.shape[1] for t in parts)
-                    nbytes = (stop - start) * width * plan.dtype.itemsize
-                    raw = outputs.get(nbytes) if dev.type == "cpu" else None
-                    into = None if raw is None else view(raw, plan.dtype, (stop - start, width))
-                    block = torch.cat(parts, dim=1, out=into)
-                    if raw is not None:
-                        release.append(lambda raw=raw: outputs.put(raw))
-                    for _, b in got:
-                        inputs.put(b)
-                put(plan.key, block, None, release_all(release))
+            for _ in row_chunks[plan.key]:
+                block, buf = prefetch.next()
+                put(plan.key, block.to(dev), None, lambda buf=buf: blocks.put(buf))
 
         try:
             written = write_all(out, force, ordered, metadata, produce, reporter)

@@ -191,6 +191,10 @@ class SafetensorsFile:
         """Read one tensor (or some of its rows, see :func:`read_into`) into CPU memory."""
         return read_into(self._fh, self.infos[name], out, rows)
 
+    def read_rows_into(self, name: str, rows: tuple[int, int, int], dst: Tensor) -> None:
+        """Rows of one tensor straight into ``dst`` (see :func:`read_rows_into`)."""
+        read_rows_into(self._fh, self.infos[name], rows, dst)
+
     def close(self) -> None:
         self._fh.close()
 
@@ -252,6 +256,47 @@ def read_into(
             raise KfacCliError(info.file, None, f"{nbytes} bytes", f"{done} (file shrank)")
         done += got
     return t
+
+
+def read_rows_into(fh: BinaryIO, info: TensorInfo, rows: tuple[int, int, int], dst: Tensor) -> None:
+    """Read rows ``start:stop`` of ``info`` seen as ``[-1, row_len]`` straight into ``dst``.
+
+    ``dst`` is ``[stop - start, row_len]`` and may have a row stride (a column block of a
+    wider tensor): each row is read into place with one scatter read (``preadv``), so no
+    extra copy is made. A ``dst`` of another dtype gets a converted copy.
+    """
+    row_len, start, stop = rows
+    if dst.dtype != info.dtype or dst.device.type != "cpu" or (dst.numel() and dst.stride(1) != 1):
+        dst.copy_(read_into(fh, info, None, rows))
+        return
+    if not dst.numel():
+        return
+    row_bytes = row_len * info.dtype.itemsize
+    step = dst.stride(0) * info.dtype.itemsize
+    base = dst.data_ptr()
+    views = [
+        memoryview((ctypes.c_char * row_bytes).from_address(base + i * step)).cast("B")
+        for i in range(stop - start)
+    ]
+    offset = info.begin + start * row_bytes
+    if not hasattr(os, "preadv"):  # one read per row where scatter reads are missing
+        for v in views:
+            fh.seek(offset)
+            offset += fh.readinto(v)
+        return
+    while views:
+        batch = views[:512]  # within IOV_MAX
+        got = os.preadv(fh.fileno(), batch, offset)
+        if not got:
+            raise KfacCliError(info.file, None, f"rows {start}:{stop}", "a file that shrank")
+        offset += got
+        done = 0
+        while done < len(batch) and got >= len(batch[done]):
+            got -= len(batch[done])
+            done += 1
+        views = views[done:]
+        if got:
+            views[0] = views[0][got:]
 
 
 class TensorSource:
@@ -334,6 +379,10 @@ class TensorSource:
     ) -> Tensor:
         """Read one tensor (or some of its rows, see :func:`read_into`) into CPU memory."""
         return self._file_of[name].read(name, out, rows)
+
+    def read_rows_into(self, name: str, rows: tuple[int, int, int], dst: Tensor) -> None:
+        """Rows of one tensor straight into ``dst`` (see :func:`read_rows_into`)."""
+        self._file_of[name].read_rows_into(name, rows, dst)
 
     def close(self) -> None:
         for f in self.files:
@@ -442,6 +491,9 @@ class DictSource:
         if out is None:
             return t.contiguous()
         return out[: t.numel() * t.element_size()].view(t.dtype).view(t.shape).copy_(t)
+
+    def read_rows_into(self, name: str, rows: tuple[int, int, int], dst: Tensor) -> None:
+        dst.copy_(self.read(name, rows=rows))
 
     def close(self) -> None:
         self._tensors = {}
