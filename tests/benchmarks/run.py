@@ -79,6 +79,12 @@ def timed(cmd: list[str], env: dict) -> tuple[float, int]:
     return seconds, usage.ru_maxrss * 1024
 
 
+def _fresh(paths) -> None:
+    """Every process writes a new file: no old output's pages to reclaim on the way."""
+    for p in paths:
+        p.unlink(missing_ok=True)
+
+
 def fmt_stats(values: list[float]) -> str:
     return f"{statistics.median(values):7.2f} ({min(values):.2f}-{max(values):.2f})"
 
@@ -142,13 +148,14 @@ def bench_processes(folder: Path, args, env: dict, report: dict) -> None:
                 str(folder / "base.safetensors"),
                 approx,
             ]
+        outputs = (out, folder / "floor.bin", folder / "base.safetensors")
         for _ in range(args.repeats):
             for name, c in variants.items():
+                _fresh(outputs)
                 runs.setdefault(name, []).append(timed(c, env))
                 if name == "kfac-cli expand":
                     digests.add(sha(out))
-        for p in (folder / "floor.bin", folder / "base.safetensors"):
-            p.unlink(missing_ok=True)
+        _fresh(outputs)
     bare = timed([sys.executable, "-c", "import torch"], env)[1]
     largest = max((prod(s) * 4 for s in _layer_shapes(folder)), default=0)
     print(
@@ -354,6 +361,7 @@ def bench_canonicalize(folder: Path, args, env: dict, report: dict) -> None:
     subprocess.run(cmds["kfac-cli canonicalize"], check=True, env=env)
     for _ in range(args.repeats):
         for name, c in cmds.items():
+            _fresh((out, folder / "f.bin"))
             runs.setdefault(name, []).append(timed(c, env))
     bare = timed([sys.executable, "-c", "import torch"], env)[1]
     floor = statistics.median(t for t, _ in runs["floor read+write"])
