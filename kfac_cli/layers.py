@@ -254,6 +254,15 @@ class LayerTable:
                 )
 
 
+def layer_name(weight: str) -> str:
+    """A layer's name from its weight's: the module path (``fc.weight`` -> ``fc``), or the
+    weight's name without ``_weight`` (``attn.in_proj_weight`` -> ``attn.in_proj``)."""
+    for suffix in (".weight", "_weight"):
+        if weight.endswith(suffix) and len(weight) > len(suffix):
+            return weight[: -len(suffix)]
+    return weight
+
+
 def _shape(value: object) -> tuple[int, ...]:
     if not isinstance(value, list) or not all(
         isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in value
@@ -324,8 +333,7 @@ def layers_from_state_dict(shapes: Mapping[str, tuple[int, ...]], source: str) -
         bias = stem + "bias" if stem and stem + "bias" in shapes else None
         if bias is not None and tuple(shapes[bias]) != tuple(shape[:1]):
             bias = None
-        layer_name = stem.rstrip(".") or name
-        layers.append(Layer(layer_name, kinds[len(shape)], name, bias, tuple(shape)))
+        layers.append(Layer(layer_name(name), kinds[len(shape)], name, bias, tuple(shape)))
         treated.update(n for n in (name, bias) if n)
     untreated = [
         {"name": n, "shape": list(s), "used_by": []} for n, s in shapes.items() if n not in treated

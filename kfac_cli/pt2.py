@@ -16,7 +16,7 @@ from pathlib import Path, PurePosixPath
 
 from kfac_cli.conv import ConvParams
 from kfac_cli.errors import KfacCliError
-from kfac_cli.layers import Layer, LayerTable
+from kfac_cli.layers import Layer, LayerTable, layer_name
 from kfac_cli.tensorfile import open_readable, sniff
 
 SCHEMA_MAJOR = 8
@@ -277,5 +277,4 @@ def _layer(path, node, op, params, shapes, producers) -> Layer | None:
         return None  # a computed weight (e.g. weight norm) is not a KFAC layer here
     wname = params[weight[1]]
     bname = params.get(bias[1]) if isinstance(bias, tuple) else None
-    stem = wname.removesuffix("weight").rstrip(".") or wname
-    return Layer(stem, kind, wname, bname, shapes[wname], conv)
+    return Layer(layer_name(wname), kind, wname, bname, shapes[wname], conv)

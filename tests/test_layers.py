@@ -222,3 +222,38 @@ def test_layers_json_has_the_documented_fields(cnn):
         assert set(layer) == (common if layer["kind"] == "linear" else conv), layer["name"]
     assert all(set(u) == {"name", "shape", "used_by"} for u in doc["untreated"])
     assert all(set(p) == {"name", "shape"} for p in doc["parameters"])
+
+
+def test_attention_and_embedding_with_a_dynamic_batch(tmp_path):
+    """nn.MultiheadAttention's in_proj_weight is a linear layer; embeddings are untreated."""
+
+    class Block(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.emb = torch.nn.Embedding(10, 16)
+            self.attn = torch.nn.MultiheadAttention(16, 2, batch_first=True)
+            self.fc = torch.nn.Linear(16, 4)
+
+        def forward(self, x):
+            h = self.emb(x)
+            return self.fc(h + self.attn(h, h, h)[0])
+
+    model = Block().eval()
+    x = torch.randint(0, 10, (2, 5))
+    batch = torch.export.Dim("batch", min=1, max=64)
+    path = tmp_path / "block.pt2"
+    torch.export.save(torch.export.export(model, (x,), dynamic_shapes={"x": {0: batch}}), path)
+    table = load_layer_table(path)
+    assert [la.name for la in table.layers] == ["attn.in_proj", "attn.out_proj", "fc"]
+    assert table.layer("attn.in_proj").bias == "attn.in_proj_bias"
+    assert [u["name"] for u in table.untreated] == ["emb.weight"]
+    save_file(
+        {n: p.detach().clone() for n, p in model.state_dict().items()},
+        tmp_path / "block.safetensors",
+    )
+    from_state_dict = load_layer_table(tmp_path / "block.safetensors")
+    assert [la.name for la in from_state_dict.layers if la.name != "emb"] == [
+        "attn.in_proj",
+        "attn.out_proj",
+        "fc",
+    ]
