@@ -169,11 +169,6 @@ def _copy_strided(xp: Tensor, params: ConvParams, out_size, dst: Tensor) -> None
     dst.copy_(view)
 
 
-# Below these sizes (inputs of a ResNet's later stages) the whole-pattern product wins.
-SMALL_SPATIAL = 1024
-SHORT_ROW = 16
-
-
 def _tap_outputs(size: int, pad_left: int, j: int, s: int, d: int, o: int) -> tuple[int, int]:
     """Outputs ``lo..hi`` whose tap ``j`` reads inside the input (``o*S + j*D - P_left``)."""
     first = j * d - pad_left
@@ -189,105 +184,186 @@ def _tap_window(size: int, pad_left: int, j: int, s: int, d: int, o: int) -> sli
     return slice(first + lo * s, first + hi * s + 1, s) if hi >= lo else None
 
 
-def _tap_counts(size: int, pad_left: int, k: int, s: int, d: int, o: int) -> Tensor:
-    """One dim's index pattern summed over output locations: ``[K, I]`` of 0/1."""
-    counts = torch.zeros(k, size, dtype=torch.float64)
-    for j in range(k):
-        window = _tap_window(size, pad_left, j, s, d, o)
-        if window is not None:
-            counts[j, window] = 1
-    return counts
+class DimTaps:
+    """One spatial dim's kernel taps: which inputs each reads, summed over output locations."""
+
+    def __init__(self, size: int, pad_left: int, k: int, s: int, d: int, o: int) -> None:
+        self.size, self.k, self.stride, self.dilation = size, k, s, d
+        self.windows = [_tap_window(size, pad_left, j, s, d, o) for j in range(k)]
+
+    @property
+    def reading(self) -> list[int]:
+        """The taps that read at least one input (the others read only padding)."""
+        return [j for j, w in enumerate(self.windows) if w is not None]
+
+    @property
+    def cheap_sums(self) -> bool:
+        """Whether window sums read the dim about once: a single window, stride and
+        dilation 1 (windows are the whole dim less a few edge rows), or windows that
+        do not overlap (stride >= extent of the kernel)."""
+        return (
+            len(self.reading) <= 1
+            or (self.stride == 1 and self.dilation == 1)
+            or self.stride >= (self.k - 1) * self.dilation + 1
+        )
+
+    def counts(self, dtype: torch.dtype, device: torch.device) -> Tensor:
+        """The index pattern summed over output locations: ``[K, I]`` of 0/1."""
+        counts = torch.zeros(self.k, self.size, dtype=dtype)
+        for j, window in enumerate(self.windows):
+            if window is not None:
+                counts[j, window] = 1
+        return counts.to(device)
+
+    def sums(self, t: Tensor, dim: int) -> Tensor:
+        """Contract dim ``dim`` of ``t`` (size ``I``) with :meth:`counts`: size ``K`` instead.
+
+        Each tap's sum is one strided slice sum; a stride-1 window covering most of the
+        dim is the dim's total minus the few rows at its edges, so the data is read about
+        once, not ``K`` times.
+        """
+        total = None
+        taps = []
+        for window in self.windows:
+            if window is None:
+                taps.append(t.narrow(dim, 0, 0).sum(dim))
+                continue
+            start, stop = window.start, window.stop
+            if window.step == 1 and 2 * (stop - start) > self.size:
+                if total is None:
+                    total = t.sum(dim)
+                tap = total
+                if start > 0:
+                    tap = tap - t.narrow(dim, 0, start).sum(dim)
+                if stop < self.size:
+                    tap = tap - t.narrow(dim, stop, self.size - stop).sum(dim)
+            else:
+                index = [slice(None)] * t.ndim
+                index[dim] = window
+                tap = t[tuple(index)].sum(dim)
+            taps.append(tap)
+        return torch.stack(taps, dim)
 
 
-def _tap_sums(t: Tensor, dim: int, pad_left: int, k: int, s: int, d: int, o: int) -> Tensor:
-    """Contract one spatial dim with its index pattern summed over output locations.
+def _single_window(x: Tensor, dims: Sequence[DimTaps]) -> Tensor:
+    """At most one tap per dim reads inputs (1x1 kernels, dilations beyond the input):
+    one strided window sum, the other taps zero."""
+    if any(len(d.reading) > 1 for d in dims):
+        raise ValueError("the window method needs at most one reading tap per dim")
+    out = x.new_zeros(x.shape[0], *(d.k for d in dims))
+    if all(d.reading for d in dims):
+        taps = tuple(d.reading[0] for d in dims)
+        window = tuple(d.windows[j] for d, j in zip(dims, taps))
+        out[(slice(None), *taps)] = x[(slice(None), *window)].sum(tuple(range(1, x.ndim)))
+    return out
 
-    Tap ``j`` reads inputs ``i = o*S + j*D - P_left`` for ``o < O``: an arithmetic
-    progression, clipped to the input (taps that read padding drop out). Its sum is one
-    strided slice sum; a window covering most of a stride-1 dim is the dim's total minus
-    the few rows at its edges, so the data is read about once, not ``K`` times.
 
-    Returns:
-        ``t`` with dim ``dim`` (size ``I``) replaced by one of size ``K``.
+def _strided_sums(x: Tensor, dims: Sequence[DimTaps]) -> Tensor:
+    """Strided window sums, one dim after the other, slow dims first."""
+    for n, d in enumerate(dims):
+        x = d.sums(x, 1 + n)
+    return x
+
+
+def _separable_products(x: Tensor, dims: Sequence[DimTaps]) -> Tensor:
+    """One small product per dim, fastest dim first: ``[K_n, I_n] @ [I_n, rest]``.
+
+    The data as the transposed right operand runs several times faster than as the left
+    one (``[rest, I_n] @ [I_n, K_n]``) and leaves each result contiguous for the next dim.
     """
-    size = t.shape[dim]
-    total = None
-    taps = []
-    for j in range(k):
-        window = _tap_window(size, pad_left, j, s, d, o)
-        if window is None:
-            taps.append(t.narrow(dim, 0, 0).sum(dim))
-            continue
-        start, stop = window.start, window.stop
-        if s == 1 and 2 * (stop - start) > size:
-            if total is None:
-                total = t.sum(dim)
-            tap = total
-            if start > 0:
-                tap = tap - t.narrow(dim, 0, start).sum(dim)
-            if stop < size:
-                tap = tap - t.narrow(dim, stop, size - stop).sum(dim)
-        else:
-            index = [slice(None)] * t.ndim
-            index[dim] = slice(start, stop, s)
-            tap = t[tuple(index)].sum(dim)
-        taps.append(tap)
-    return torch.stack(taps, dim)
+    m, spatial = x.shape[0], x.shape[1:]
+    t = x.reshape(-1, spatial[-1]).T
+    for n in reversed(range(len(dims))):
+        t = dims[n].counts(x.dtype, x.device) @ t  # [K_n, K_n+1..K_N, M, I_1..I_n-1]
+        if n:
+            t = t.reshape(-1, spatial[n - 1]).T
+    return t.reshape(*(d.k for d in dims), m).movedim(-1, 0)
 
 
-def conv_averaged_patches(x: Tensor, params: ConvParams, bias_column: bool = False) -> Tensor:
+# ``[M, I_1..I_N] -> [M, K_1..K_N]``: every tap's input window summed, exactly, three ways.
+REDUCE_METHODS = {
+    "window": _single_window,
+    "strided": _strided_sums,
+    "separable": _separable_products,
+}
+
+
+def tap_dims(params: ConvParams, spatial: Sequence[int]) -> list[DimTaps]:
+    """Each spatial dim's taps for an input of size ``spatial`` (other padding modes than
+    zeros pad the input first, so their taps read no padding)."""
+    out_size = params.output_size(spatial)
+    pads = params.pads()
+    if params.padding_mode != "zeros":
+        spatial = [size + left + right for size, (left, right) in zip(spatial, pads)]
+        pads = tuple((0, 0) for _ in pads)
+    return [
+        DimTaps(size, left, k, s, d, o)
+        for size, (left, _), k, s, d, o in zip(
+            spatial, pads, params.kernel_size, params.stride, params.dilation, out_size
+        )
+    ]
+
+
+# Tuned on a 2-core x86 VM (see benchmarks/): below this many input locations the per-op
+# overheads of window sums outweigh their saving over small products.
+SMALL_SPATIAL = 1024
+
+
+def reduce_method(dims: Sequence[DimTaps]) -> str:
+    """The fastest of :data:`REDUCE_METHODS` for this geometry.
+
+    ``window`` when one tap per dim is left; ``strided`` when window sums read a large
+    input about once; else ``separable``.
+    """
+    if all(len(d.reading) <= 1 for d in dims):
+        return "window"
+    if prod(d.size for d in dims) > SMALL_SPATIAL and all(d.cheap_sums for d in dims):
+        return "strided"
+    return "separable"
+
+
+def _group_sum(x: Tensor, groups: int) -> Tensor:
+    """Sum the channel groups: ``[B, (G c), *I] -> [B, c, *I]`` as one batched product
+    (PyTorch sums over a middle dim at half the speed of memory)."""
+    if groups == 1:
+        return x
+    batch = x.shape[0]
+    stacked = x.reshape(batch, groups, -1)
+    ones = x.new_ones(1, 1, groups).expand(batch, 1, groups)
+    return torch.bmm(ones, stacked).reshape(batch, x.shape[1] // groups, *x.shape[2:])
+
+
+def conv_averaged_patches(
+    x: Tensor, params: ConvParams, bias_column: bool = False, *, method: str | None = None
+) -> Tensor:
     """KFAC-reduce averaged patches of a convolution input, without unfolding.
 
-    One contraction per spatial dim (slow dims first) with that dim's index pattern
-    averaged over output locations (Dangel, 2023), done as strided window sums: extra
-    memory of the order of the input, never ``K_1*..*K_N`` times it.
+    The input contracted with each spatial dim's index pattern summed over output
+    locations (Dangel, 2023), by window sums or small matrix products: extra memory of
+    the order of the input, never ``K_1*..*K_N`` times it.
 
     Args:
         x: Input ``[B, C_in, I_1..I_N]``.
         params: The convolution's hyper-parameters.
         bias_column: Append a column of ones.
+        method: One of :data:`REDUCE_METHODS` (for tests and benchmarks); by default
+            the fastest for the geometry (:func:`reduce_method`).
 
     Returns:
         ``[B, (C_in/G)*K_1*..*K_N (+1)]``.
     """
     _check_dtype(x)
     out_size = params.check_input(x.shape)
-    x = group_mean(x, params.groups)
-    pads = params.pads()
+    dims = tap_dims(params, x.shape[2:])
+    x = _group_sum(x, params.groups)
     if params.padding_mode != "zeros":
-        x = _pad(x, pads, params.padding_mode)
-        pads = tuple((0, 0) for _ in pads)
-    spatial = x.shape[2:]
-    if prod(spatial) <= SMALL_SPATIAL and spatial[-1] < SHORT_ROW:
-        # Reductions over short rows are slow: one product with the whole index pattern.
-        pattern = torch.ones((1, 1), dtype=torch.float64, device=x.device)
-        for n in range(params.ndim):
-            counts = _tap_counts(
-                spatial[n],
-                pads[n][0],
-                params.kernel_size[n],
-                params.stride[n],
-                params.dilation[n],
-                out_size[n],
-            )
-            pattern = torch.kron(pattern, counts.to(x.device))
-        t = x.reshape(x.shape[0] * x.shape[1], -1) @ pattern.T.to(x.dtype)
-    else:
-        t = x
-        for n in range(params.ndim):
-            t = _tap_sums(
-                t,
-                2 + n,
-                pads[n][0],
-                params.kernel_size[n],
-                params.stride[n],
-                params.dilation[n],
-                out_size[n],
-            )
-    batch = x.shape[0]
-    cols = x.shape[1] * prod(params.kernel_size)
+        x = _pad(x, params.pads(), params.padding_mode)
+    batch, channels, *spatial = x.shape
+    t = REDUCE_METHODS[method or reduce_method(dims)](x.reshape(batch * channels, *spatial), dims)
+    cols = channels * prod(params.kernel_size)
     out = _with_bias_column((batch, cols), bias_column, x)
-    torch.div(t.reshape(batch, cols), prod(out_size), out=out[:, :cols])
+    dst = out[:, :cols].unflatten(1, (channels, *params.kernel_size))
+    torch.div(t.unflatten(0, (batch, channels)), prod(out_size) * params.groups, out=dst)
     return out
 
 

@@ -19,12 +19,15 @@ from hypothesis import strategies as st
 from kfac_cli.conv import ConvParams
 from kfac_cli.errors import KfacCliError
 from kfac_cli.patches import (
+    REDUCE_METHODS,
     conv_averaged_patches,
     conv_patches,
     extract_averaged_patches,
     extract_patches,
     linear_averaged_patches,
     linear_patches,
+    reduce_method,
+    tap_dims,
 )
 from tests.conftest import DEVICES
 
@@ -82,6 +85,14 @@ CASES = [
     ("2d-wide-groups", 2, 12, (6, 6), dict(kernel_size=3, padding=1, groups=2)),
     ("2d-wide-reflect", 2, 6, (6, 7), dict(kernel_size=3, padding=2, padding_mode="reflect")),
     ("3d-wide", 3, 5, (5, 6, 4), dict(kernel_size=(3, 2, 3), padding=(1, 0, 2), stride=(2, 1, 1))),
+    # Inputs large enough for every reduce method to be picked by default.
+    ("2d-large-s1", 2, 2, (40, 33), dict(kernel_size=3, padding=1)),
+    ("1d-long-s1", 1, 3, (1100,), dict(kernel_size=4, padding="same")),
+    ("2d-large-s2", 2, 3, (23, 22), dict(kernel_size=3, stride=2, padding=1)),
+    ("2d-large-dil4", 2, 2, (25, 21), dict(kernel_size=3, dilation=4, padding=4)),
+    ("2d-large-dil-beyond", 2, 2, (21, 20), dict(kernel_size=3, dilation=24, padding=24)),
+    ("1d-long", 1, 3, (450,), dict(kernel_size=5, stride=3, dilation=2, padding=4)),
+    ("3d-large", 3, 2, (8, 9, 10), dict(kernel_size=3, stride=(1, 2, 1), padding=1)),
 ]
 IDS = [c[0] for c in CASES]
 DTYPES = [torch.float32, torch.float64]
@@ -189,6 +200,39 @@ def test_reduce_is_mean_of_expand(case, dtype, device):
     torch.testing.assert_close(extract_averaged_patches(x, **kwargs), expected, **tol)
 
 
+def _forced(x, kwargs, method):
+    params = ConvParams.create(**kwargs, n=x.ndim - 2)
+    return conv_averaged_patches(x, params, method=method)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("method", REDUCE_METHODS)
+@pytest.mark.parametrize("case", CASES, ids=IDS)
+def test_every_reduce_method(case, method, device):
+    """Each way of summing windows, forced on every geometry, equals mean(expand)."""
+    _, _, c_in, size, kwargs = case
+    x = torch.randn(3, c_in, *size, dtype=torch.float64, device=device)
+    params = ConvParams.create(**kwargs, n=len(size))
+    if method == "window" and any(len(d.reading) > 1 for d in tap_dims(params, size)):
+        with pytest.raises(ValueError, match="one reading tap"):
+            _forced(x, kwargs, method)
+        return
+    expected = extract_patches(x, **kwargs).mean(1)
+    torch.testing.assert_close(_forced(x, kwargs, method), expected, rtol=1e-12, atol=1e-12)
+
+
+def test_reduce_method_choice():
+    """The cases reach every method by default, each where the tuning says it is fastest."""
+    picked = {}
+    for name, _, _, size, kwargs in CASES:
+        params = ConvParams.create(**kwargs, n=len(size))
+        picked[name] = reduce_method(tap_dims(params, size))
+    assert set(picked.values()) == set(REDUCE_METHODS)
+    assert picked["2d-wide-1x1-s2"] == picked["2d-large-dil-beyond"] == "window"
+    assert picked["2d-large-s1"] == picked["1d-long-s1"] == "strided"
+    assert picked["2d-basic"] == picked["2d-large-s2"] == picked["1d-long"] == "separable"
+
+
 @pytest.mark.parametrize("approx", ["expand", "reduce"])
 def test_bias_column(approx):
     x = torch.randn(2, 3, 6, 6)
@@ -232,7 +276,11 @@ def test_hypothesis_shapes(n, batch, c, g, k, s, d, p, extra):
     flat = [v for pair in reversed(p) for v in pair]
     y = CONV[n](F.pad(xm, flat), w, stride=s, dilation=d)
     torch.testing.assert_close(patches @ w.flatten(1).T, y.flatten(2).transpose(1, 2))
-    torch.testing.assert_close(conv_averaged_patches(x, params), patches.mean(1))
+    one_window = all(len(dim.reading) <= 1 for dim in tap_dims(params, size))
+    for method in [None, *REDUCE_METHODS]:
+        if method != "window" or one_window:
+            averaged = conv_averaged_patches(x, params, method=method)
+            torch.testing.assert_close(averaged, patches.mean(1))
 
 
 def _curvlinops_kfac_utils():
@@ -308,14 +356,17 @@ def test_integer_input_is_refused():
 
 
 def test_reduce_never_materialises_the_unfolded_tensor():
-    """Peak RSS of reduce stays of the order of the input, far below the expand size."""
+    """Peak RSS of reduce, by every method, stays of the order of the input, far below
+    the expand size."""
     code = """
 import resource, torch
-from kfac_cli.patches import extract_averaged_patches
+from kfac_cli.conv import ConvParams
+from kfac_cli.patches import conv_averaged_patches
 torch.set_num_threads(1)
 x = torch.randn(8, 64, 128, 128)  # 32 MiB; expand with 7x7 taps would be about 1.5 GiB
 base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-extract_averaged_patches(x, 7, padding=3)
+for method in ("strided", "separable"):
+    conv_averaged_patches(x, ConvParams.create(7, 1, 3, 1, 1, n=2), method=method)
 print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base) // 1024)
 """
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)

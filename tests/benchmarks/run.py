@@ -85,8 +85,9 @@ def _fresh(paths) -> None:
         p.unlink(missing_ok=True)
 
 
-def fmt_stats(values: list[float]) -> str:
-    return f"{statistics.median(values):7.2f} ({min(values):.2f}-{max(values):.2f})"
+def fmt_stats(values: list[float], scale: float = 1.0) -> str:
+    med, lo, hi = (scale * v for v in (statistics.median(values), min(values), max(values)))
+    return f"{med:7.2f} ({lo:.2f}-{hi:.2f})"
 
 
 def sha(path: Path) -> str:
@@ -279,10 +280,10 @@ def bench_kernels(folder: Path, args, report: dict) -> None:
     }
     print(
         f"\nIn-memory kernels on {args.device}, all {len(layers())} layers, batch {batch} "
-        f"(seconds per pass: median (min-max)):"
+        f"(milliseconds per pass: median (min-max)):"
     )
     for name, t in per_run.items():
-        print(f"  {name:32} {fmt_stats(t)}")
+        print(f"  {name:32} {fmt_stats(t, 1e3)}")
     med = {k: statistics.median(v) for k, v in per_run.items()}
     if ku is not None:
         print(
