@@ -359,7 +359,10 @@ def conv_averaged_patches(
     if params.padding_mode != "zeros":
         x = _pad(x, params.pads(), params.padding_mode)
     batch, channels, *spatial = x.shape
-    t = REDUCE_METHODS[method or reduce_method(dims)](x.reshape(batch * channels, *spatial), dims)
+    method = method or reduce_method(dims)
+    if method not in REDUCE_METHODS:
+        raise ValueError(f"method must be one of {', '.join(REDUCE_METHODS)}, not {method!r}")
+    t = REDUCE_METHODS[method](x.reshape(batch * channels, *spatial), dims)
     cols = channels * prod(params.kernel_size)
     out = _with_bias_column((batch, cols), bias_column, x)
     dst = out[:, :cols].unflatten(1, (channels, *params.kernel_size))

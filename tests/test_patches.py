@@ -221,6 +221,11 @@ def test_every_reduce_method(case, method, device):
     torch.testing.assert_close(_forced(x, kwargs, method), expected, rtol=1e-12, atol=1e-12)
 
 
+def test_unknown_reduce_method_is_refused():
+    with pytest.raises(ValueError, match="one of window, strided, separable"):
+        conv_averaged_patches(torch.ones(1, 1, 4), ConvParams.create(2, n=1), method="fft")
+
+
 def test_reduce_method_choice():
     """The cases reach every method by default, each where the tuning says it is fastest."""
     picked = {}
