@@ -90,6 +90,7 @@ def main() -> None:
     batch = PRESETS[args.preset]
     dev = torch.device("cuda")
     total_bytes, t_expand, t_reduce, in_bytes = 0, 0.0, 0.0, 0
+    t_methods = dict.fromkeys(("strided", "separable"), 0.0)  # forced, to tune reduce_method
     for layer in layers():
         params = layer.params()
         x = torch.randn(batch, layer.c_in, *layer.size, device=dev)
@@ -109,12 +110,22 @@ def main() -> None:
             conv_averaged_patches(x, params)
         torch.cuda.synchronize()
         t_reduce += (time.perf_counter() - s) / 5
+        for method in t_methods:
+            conv_averaged_patches(x, params, method=method)
+            torch.cuda.synchronize()
+            s = time.perf_counter()
+            for _ in range(5):
+                conv_averaged_patches(x, params, method=method)
+            torch.cuda.synchronize()
+            t_methods[method] += (time.perf_counter() - s) / 5
         total_bytes += out.numel() * 4
         in_bytes += x.numel() * 4
     report["gpu expand kernel GB/s (output written)"] = total_bytes / t_expand / 1e9
     report["gpu reduce kernel GB/s (input read)"] = in_bytes / t_reduce / 1e9
     report["gpu expand kernel seconds"] = t_expand
     report["gpu reduce kernel seconds"] = t_reduce
+    for method, seconds in t_methods.items():
+        report[f"gpu reduce kernel seconds, every layer by {method}"] = seconds
     print(json.dumps(report, indent=1))
     if args.out:
         args.out.write_text(json.dumps(report, indent=1))
