@@ -245,10 +245,15 @@ class DimTaps:
         return torch.stack(taps, dim)
 
 
+def one_window(dims: Sequence[DimTaps]) -> bool:
+    """Whether at most one tap per dim reads inputs (the ``window`` method applies)."""
+    return all(len(d.reading) <= 1 for d in dims)
+
+
 def _single_window(x: Tensor, dims: Sequence[DimTaps]) -> Tensor:
     """At most one tap per dim reads inputs (1x1 kernels, dilations beyond the input):
     one strided window sum, the other taps zero."""
-    if any(len(d.reading) > 1 for d in dims):
+    if not one_window(dims):
         raise ValueError("the window method needs at most one reading tap per dim")
     out = x.new_zeros(x.shape[0], *(d.k for d in dims))
     if all(d.reading for d in dims):
@@ -315,7 +320,7 @@ def reduce_method(dims: Sequence[DimTaps]) -> str:
     ``window`` when one tap per dim is left; ``strided`` when window sums read a large
     input about once; else ``separable``.
     """
-    if all(len(d.reading) <= 1 for d in dims):
+    if one_window(dims):
         return "window"
     if prod(d.size for d in dims) > SMALL_SPATIAL and all(d.cheap_sums for d in dims):
         return "strided"
@@ -324,7 +329,8 @@ def reduce_method(dims: Sequence[DimTaps]) -> str:
 
 def _group_sum(x: Tensor, groups: int) -> Tensor:
     """Sum the channel groups: ``[B, (G c), *I] -> [B, c, *I]`` as one batched product
-    (PyTorch sums over a middle dim at half the speed of memory)."""
+    (PyTorch sums over a middle dim at half the speed of memory). Expand keeps
+    :func:`group_mean`, whose summation order matches the reference bit for bit."""
     if groups == 1:
         return x
     batch = x.shape[0]

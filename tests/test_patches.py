@@ -26,6 +26,7 @@ from kfac_cli.patches import (
     extract_patches,
     linear_averaged_patches,
     linear_patches,
+    one_window,
     reduce_method,
     tap_dims,
 )
@@ -213,7 +214,7 @@ def test_every_reduce_method(case, method, device):
     _, _, c_in, size, kwargs = case
     x = torch.randn(3, c_in, *size, dtype=torch.float64, device=device)
     params = ConvParams.create(**kwargs, n=len(size))
-    if method == "window" and any(len(d.reading) > 1 for d in tap_dims(params, size)):
+    if method == "window" and not one_window(tap_dims(params, size)):
         with pytest.raises(ValueError, match="one reading tap"):
             _forced(x, kwargs, method)
         return
@@ -281,9 +282,9 @@ def test_hypothesis_shapes(n, batch, c, g, k, s, d, p, extra):
     flat = [v for pair in reversed(p) for v in pair]
     y = CONV[n](F.pad(xm, flat), w, stride=s, dilation=d)
     torch.testing.assert_close(patches @ w.flatten(1).T, y.flatten(2).transpose(1, 2))
-    one_window = all(len(dim.reading) <= 1 for dim in tap_dims(params, size))
+    single = one_window(tap_dims(params, size))
     for method in [None, *REDUCE_METHODS]:
-        if method != "window" or one_window:
+        if method != "window" or single:
             averaged = conv_averaged_patches(x, params, method=method)
             torch.testing.assert_close(averaged, patches.mean(1))
 
