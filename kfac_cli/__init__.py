@@ -5,7 +5,7 @@ do not import torch):
 
 - :func:`extract_patches`, :func:`extract_averaged_patches` (KFAC-expand / -reduce inputs),
 - :func:`to_canonical`, :func:`from_canonical` (the canonical parameter layout),
-- :class:`KFACType`, :class:`FisherType`, :class:`ConvParams`, :class:`KfacCliError`,
+- :class:`KFACType`, :class:`FisherType`, :class:`ConvParams`, :class:`KfacError`,
 - :func:`load_layer_table` (a model checkpoint's layer table).
 """
 
@@ -16,17 +16,21 @@ import importlib
 __version__ = "0.1.0"
 
 _API = {
-    "extract_patches": "kfac_cli.patches",
-    "extract_averaged_patches": "kfac_cli.patches",
-    "to_canonical": "kfac_cli.canonical",
-    "from_canonical": "kfac_cli.canonical",
-    "ParamGroup": "kfac_cli.canonical",
+    "extract_patches": "kfac_cli.ops.patches",
+    "extract_averaged_patches": "kfac_cli.ops.patches",
+    "to_canonical": "kfac_cli.ops.canonical",
+    "from_canonical": "kfac_cli.ops.canonical",
+    "ParamGroup": "kfac_cli.ops.canonical",
     "KFACType": "kfac_cli.enums",
     "FisherType": "kfac_cli.enums",
-    "ConvParams": "kfac_cli.conv",
-    "KfacCliError": "kfac_cli.errors",
-    "load_layer_table": "kfac_cli.checkpoints",
-    "LayerTable": "kfac_cli.layers",
+    "LossReduction": "kfac_cli.enums",
+    "ConvParams": "kfac_cli.ops.conv",
+    "KfacError": "kfac_cli.errors",
+    "load_layer_table": "kfac_cli.models.load",
+    "LayerTable": "kfac_cli.models.table",
+    "run_patches": "kfac_cli.jobs.patches",
+    "run_canonicalize": "kfac_cli.jobs.canonicalize",
+    "run_uncanonicalize": "kfac_cli.jobs.canonicalize",
 }
 
 __all__ = ["__version__", *_API]

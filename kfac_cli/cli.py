@@ -1,18 +1,20 @@
 """The ``kfac-cli`` command line: parse, call one job, report. No maths here.
 
 Heavy imports (torch) happen inside the commands, so ``kfac-cli --help`` stays fast.
-Errors the user can fix become one ``Error: …`` line on stderr and exit 1; usage errors
-exit 2; anything unexpected exits 1 with a request to report it (traceback with --debug).
+Errors the user can fix become one ``Error: …`` line on stderr and exit 1, with the flag
+that fixes it where one does; usage errors exit 2; a reader of stdout that goes away (a
+broken pipe) ends the command quietly; anything unexpected exits 1 (traceback with
+--debug).
 """
 
 from __future__ import annotations
 
 import json
+import os
 import signal
 import sys
 import traceback
 from collections.abc import Callable
-from enum import Enum
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -20,12 +22,16 @@ import typer
 from rich.console import Console
 
 from kfac_cli import __version__
-from kfac_cli.errors import KfacCliError
+from kfac_cli.enums import ComputeDtype, KFACType, Layout
+from kfac_cli.errors import KfacError, OutputClosed, escape
+
+FORMATS_DOC = "docs/formats.md"
+EPILOG = f"File formats: {FORMATS_DOC} in the kfac-cli repository (or its README)."
 
 app = typer.Typer(
     name="kfac-cli",
-    help="KFAC curvature preprocessing: convolution patches and the canonical parameter "
-    "layout, from model checkpoints to safetensors files.",
+    help="KFAC curvature preprocessing: convolution patches, the canonical parameter "
+    "layout and Kronecker factors, from model checkpoints to safetensors files.",
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
@@ -34,27 +40,20 @@ app = typer.Typer(
 )
 err = Console(stderr=True, highlight=False, soft_wrap=True)
 
-ISSUES_URL = "https://github.com/kfac-cli/kfac-cli/issues"
+# How each job option that fixes an error is spelled on the command line.
+FIXES = {
+    "force": "use --force to replace it",
+    "spec": "pass --spec FILE (from `kfac-cli layers MODEL.pt2 --json`)",
+    "ignore_unknown": "pass --ignore-unknown to skip such keys",
+    "separate_bias": "or pass --separate-bias",
+    "unsafe_pickle": "or pass --unsafe-trust-pickle if you trust its author completely",
+    "dtype": "pass --dtype to convert",
+    "columns": "pass --columns",
+    "batch_first": "pass --batch-first",
+}
+OPTION_KEYS = {"device": "--device", "dtype": "--dtype"}
 
-
-class Approx(str, Enum):
-    expand = "expand"
-    reduce = "reduce"
-
-
-class Layout(str, Enum):
-    flat = "flat"
-    matrix = "matrix"
-
-
-class DType(str, Enum):
-    float32 = "float32"
-    float64 = "float64"
-    float16 = "float16"
-    bfloat16 = "bfloat16"
-
-
-InFile = Annotated[Path, typer.Argument(show_default=False)]
+ModelFile = Annotated[Path, typer.Argument(show_default=False, metavar="MODEL")]
 Out = Annotated[
     str,
     typer.Option(
@@ -69,16 +68,22 @@ Device = Annotated[
     str, typer.Option(help="Compute device: cpu, cuda, cuda:N, mps, or auto (a GPU if present).")
 ]
 DTypeOpt = Annotated[
-    DType | None,
+    ComputeDtype | None,
     typer.Option(
         "--dtype", help="Compute and output dtype (default: keep the input's).", show_default=False
+    ),
+]
+LayerGlobs = Annotated[
+    list[str] | None,
+    typer.Option(
+        "--layer", help="Only layers matching this glob (repeatable).", show_default=False
     ),
 ]
 Spec = Annotated[
     Path | None,
     typer.Option(
         help="Layer spec JSON (from `kfac-cli layers MODEL.pt2 --json`) giving a "
-        "state dict's conv hyper-parameters.",
+        "state dict's conv hyper-parameters, names and aliases.",
         show_default=False,
     ),
 ]
@@ -90,6 +95,7 @@ UnsafePickle = Annotated[
         "files you made yourself.",
     ),
 ]
+Strict = Annotated[bool, typer.Option("--strict", help="Fail on NaN/Inf inputs (default: warn).")]
 Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="No progress or warnings on stderr.")]
 JsonOut = Annotated[bool, typer.Option("--json", help="Print a JSON summary to stdout.")]
 Debug = Annotated[bool, typer.Option("--debug", help="Show tracebacks for errors.")]
@@ -112,21 +118,46 @@ def _main(
 ) -> None:
     """KFAC curvature preprocessing from the shell.
 
-    Exit codes: 0 success, 1 bad data or runtime error, 2 usage error.
+    Exit codes: 0 success, 1 bad data or runtime error, 2 usage error. File formats:
+    docs/formats.md in the kfac-cli repository.
     """
+
+
+def error_line(e: KfacError) -> str:
+    """The ``Error:`` line: option keys as flags, and the flag that fixes it, if any."""
+    if e.file is None and e.key in OPTION_KEYS:
+        e = KfacError(None, OPTION_KEYS[e.key], e.expected, e.found)
+    line = f"Error: {e.line()}"
+    if e.fix in FIXES:
+        line += f" ({FIXES[e.fix]})"
+    return line
+
+
+def _quiet_exit_on_closed_stdout() -> None:
+    """The reader of stdout went away: exit as a Unix tool killed by SIGPIPE would."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError):
+        pass
+    raise typer.Exit(128 + signal.SIGPIPE)
 
 
 def _run(debug: bool, job: Callable[[], Any]) -> Any:
     """Run a job; the one place where errors become a stderr line and an exit code."""
     try:
         return job()
-    except KfacCliError as e:
+    except KfacError as e:
         if debug:
             traceback.print_exc()
-        err.print(f"Error: {e.line()}", markup=False)
+        err.print(error_line(e), markup=False)
         if e.hint:
-            err.print(f"Hint: {e.hint}", markup=False)
+            err.print(f"Hint: {escape(e.hint)}", markup=False)
         raise typer.Exit(1) from None
+    except OutputClosed:
+        _quiet_exit_on_closed_stdout()
+    except BrokenPipeError:
+        _quiet_exit_on_closed_stdout()
     except KeyboardInterrupt:
         err.print("Error: interrupted; no output was written", markup=False)
         raise typer.Exit(130) from None
@@ -134,8 +165,8 @@ def _run(debug: bool, job: Callable[[], Any]) -> Any:
         if debug:
             traceback.print_exc()
         err.print(
-            f"Error: internal error ({type(e).__name__}: {e}); please report it at "
-            f"{ISSUES_URL} (rerun with --debug for the traceback)",
+            f"Error: internal error ({type(e).__name__}: {escape(e)}); this is a bug in "
+            "kfac-cli: please report it with the output of --debug",
             markup=False,
         )
         raise typer.Exit(1) from None
@@ -143,11 +174,11 @@ def _run(debug: bool, job: Callable[[], Any]) -> Any:
 
 def _reporter(quiet: bool):
     """Progress bar and warnings on stderr (a bar only when stderr is a terminal)."""
-    from kfac_cli.jobs import Reporter
+    from kfac_cli.jobs.skeleton import Reporter
 
     if quiet:
         return Reporter(), None
-    warn = lambda message: err.print(f"Warning: {message}", markup=False)  # noqa: E731
+    warn = lambda message: err.print(f"Warning: {escape(message)}", markup=False)  # noqa: E731
     if not err.is_terminal:
         return Reporter(warn=warn), None
     from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeElapsedColumn
@@ -163,18 +194,18 @@ def _reporter(quiet: bool):
     task = progress.add_task("starting", total=None)
     return Reporter(
         start=lambda total: progress.update(task, total=total),
-        advance=lambda key, n: progress.update(task, advance=n, description=key),
+        advance=lambda key, n: progress.update(task, advance=n, description=escape(key)),
         warn=warn,
     ), progress
 
 
-def _job(quiet: bool, make: Callable[[Any], Callable[[], Any]]) -> Callable[[], Any]:
+def _with_reporter(quiet: bool, make: Callable[[Any], Any]) -> Callable[[], Any]:
     def job():
         reporter, progress = _reporter(quiet)
         if progress is None:
-            return make(reporter)()
+            return make(reporter)
         with progress:
-            return make(reporter)()
+            return make(reporter)
 
     return job
 
@@ -184,13 +215,35 @@ def _check_stdout(out: str, as_json: bool) -> None:
         raise typer.BadParameter("--json cannot share stdout with '-o -'", param_hint="--json")
 
 
+def _check_model(model: object) -> None:
+    if str(model) == "-":
+        raise typer.BadParameter(
+            "a model checkpoint needs random access: give a file, not '-'", param_hint="MODEL"
+        )
+
+
+def _emit(text: str) -> None:
+    """Data on stdout; a closed pipe ends the command quietly."""
+    try:
+        sys.stdout.write(text)
+        sys.stdout.flush()
+    except BrokenPipeError:
+        raise OutputClosed from None
+
+
 def _emit_json(summary: dict) -> None:
-    sys.stdout.write(json.dumps(summary) + "\n")
+    _emit(json.dumps(summary) + "\n")
 
 
-@app.command()
+def _run_job(debug: bool, quiet: bool, as_json: bool, make: Callable[[Any], dict]) -> None:
+    summary = _run(debug, _with_reporter(quiet, make))
+    if as_json:
+        _run(debug, lambda: _emit_json(summary))
+
+
+@app.command(epilog=EPILOG)
 def layers(
-    model: InFile,
+    model: ModelFile,
     spec: Spec = None,
     as_json: JsonOut = False,
     unsafe_trust_pickle: UnsafePickle = False,
@@ -201,11 +254,13 @@ def layers(
     MODEL is a torch.export archive (.pt2, read without unpickling), a state dict
     (.safetensors, sharded *.safetensors.index.json, or .pt/.pth/.bin loaded weights-only)
     or, with --unsafe-trust-pickle, a pickled module. The table lists each Linear and
-    Conv1d/2d/3d layer with its parameters, kernel, stride, padding, dilation, groups,
-    padding mode and canonical block size; parameters KFAC does not treat come underneath.
+    Conv1d/2d/3d layer under the name of the module that calls it (the key a forward hook
+    records), with its parameters, kernel, stride, padding, dilation, groups, padding mode
+    and canonical block size. Underneath: tied weights and their other uses, layers KFAC
+    cannot treat (and why), untreated and frozen parameters.
 
-    With --json the table is printed as JSON (versioned, see README); that JSON is what
-    --spec accepts, to give a state dict its conv hyper-parameters.
+    With --json the table is printed as JSON (the layer spec); that JSON is what --spec
+    accepts, to give a state dict its hyper-parameters, names and aliases.
 
     \b
     Examples:
@@ -213,9 +268,10 @@ def layers(
         $ kfac-cli layers model.pt2 --json > spec.json
         $ kfac-cli layers weights.safetensors --spec spec.json
     """
+    _check_model(model)
 
     def job():
-        from kfac_cli.checkpoints import load_layer_table
+        from kfac_cli.models.load import load_layer_table
 
         table = load_layer_table(model, spec, unsafe_trust_pickle)
         if as_json:
@@ -234,7 +290,7 @@ def _print_table(table) -> None:
     if not out.is_terminal:
         out = Console(highlight=False, width=200)
     t = Table(
-        title=f"{table.source}: {len(table.layers)} layer(s) treated by KFAC",
+        title=escape(f"{table.source}: {len(table.layers)} layer(s) treated by KFAC"),
         box=box.SIMPLE_HEAD,
         pad_edge=False,
         title_justify="left",
@@ -263,7 +319,7 @@ def _print_table(table) -> None:
             ]
         name = la.name if la.calls == 1 else f"{la.name} (x{la.calls})"
         t.add_row(
-            name,
+            escape(name),
             la.kind,
             fmt(la.weight_shape),
             "yes" if la.bias else "no",
@@ -271,30 +327,44 @@ def _print_table(table) -> None:
             str(la.canonical_size),
         )
     out.print(t)
+    lines = []
+    for la in table.layers:
+        others = [n for n in la.names if n != la.name]
+        if others or la.weight != f"{la.name}.weight" or la.shared_with:
+            uses = f"; also used by {', '.join(la.shared_with)}" if la.shared_with else ""
+            also = f", also called from {', '.join(others)}" if others else ""
+            lines.append(f"  {la.name}: weight {la.weight}{also}{uses}")
+    for alias, name in table.aliases.items():
+        lines.append(f"  {alias} is {name} (tied)")
+    if lines:
+        out.print("Shared and tied weights:", markup=False)
+        for line in lines:
+            out.print(escape(line), markup=False)
+    if table.untreated_layers:
+        out.print("Layers KFAC cannot treat:", markup=False)
+        for u in table.untreated_layers:
+            out.print(escape(f"  {u['name']} ({u['op']}): {u['reason']}"), markup=False)
     if table.untreated:
-        out.print("Not treated by KFAC:")
+        out.print("Parameters not treated by KFAC:", markup=False)
         for u in table.untreated:
             used = f"  (used by {', '.join(u['used_by'])})" if u.get("used_by") else ""
-            out.print(f"  {u['name']} {u['shape']}{used}", markup=False)
+            out.print(escape(f"  {u['name']} {u['shape']}{used}"), markup=False)
+    if table.frozen:
+        out.print(escape(f"Frozen (no gradients): {', '.join(table.frozen)}"), markup=False)
 
 
-@app.command()
+@app.command(epilog=EPILOG)
 def patches(
-    model: InFile,
-    activations: InFile,
+    model: ModelFile,
+    activations: Annotated[str, typer.Argument(show_default=False, metavar="ACTIVATIONS")],
     output: Out,
     approx: Annotated[
-        Approx,
+        KFACType,
         typer.Option(
             help="expand: patches [B, O, (C_in/G)*K]; reduce: averaged patches [B, (C_in/G)*K]."
         ),
-    ] = Approx.expand,
-    layer: Annotated[
-        list[str] | None,
-        typer.Option(
-            "--layer", help="Only layers matching this glob (repeatable).", show_default=False
-        ),
-    ] = None,
+    ] = KFACType.EXPAND,
+    layer: LayerGlobs = None,
     bias_column: Annotated[
         bool, typer.Option("--bias-column", help="Append a column of ones (joint weight+bias).")
     ] = False,
@@ -305,12 +375,11 @@ def patches(
         bool,
         typer.Option(
             "--ignore-unknown",
-            help="Skip dump keys that name no layer (with a warning) instead of failing.",
+            help="Skip dump keys that name no layer KFAC treats (with a warning saying why) "
+            "instead of failing.",
         ),
     ] = False,
-    strict: Annotated[
-        bool, typer.Option("--strict", help="Fail on NaN/Inf inputs (default: warn).")
-    ] = False,
+    strict: Strict = False,
     spec: Spec = None,
     unsafe_trust_pickle: UnsafePickle = False,
     quiet: Quiet = False,
@@ -321,11 +390,12 @@ def patches(
 
     ACTIVATIONS is a safetensors file (or sharded *.index.json set) of layer inputs keyed by
     the layer names that `kfac-cli layers MODEL` shows: [B, C_in, *spatial] for a conv,
-    [B, ..., d_in] for a linear layer. Each layer in the dump gets one tensor in OUT, with
-    the layout of SPEC.md; layers without activations are left out. OUT's metadata records
+    [B, ..., d_in] for a linear layer. '-' (or a named pipe) reads it as a stream, once,
+    front to back; the output then follows the dump's tensor order. Each layer in the dump
+    gets one tensor in OUT; layers without activations are left out. OUT's metadata records
     the approximation, each layer's hyper-parameters and input shape, and the inputs.
 
-    Layers are streamed one at a time (memory bounded by the largest layer); OUT appears
+    Layers are streamed in chunks of rows (memory bounded by a chunk); OUT appears
     atomically and only when everything succeeded.
 
     \b
@@ -333,21 +403,23 @@ def patches(
         $ kfac-cli patches model.pt2 acts.safetensors -o patches.safetensors
         $ kfac-cli patches model.pt2 acts.safetensors -o red.safetensors \\
               --approx reduce --layer 'layer1.*'
+        $ zstd -dc acts.safetensors.zst | kfac-cli patches model.pt2 - -o p.safetensors
         $ kfac-cli patches weights.safetensors acts.safetensors --spec spec.json -o - | my-tool
     """
     _check_stdout(output, as_json)
+    _check_model(model)
 
     def make(reporter):
-        from kfac_cli.patches_job import run_patches
+        from kfac_cli.jobs.patches import run_patches
 
-        return lambda: run_patches(
+        return run_patches(
             model,
             activations,
             output,
             approx=approx.value,
             patterns=layer,
             bias_column=bias_column,
-            dtype=dtype.value if dtype else None,
+            dtype=dtype,
             device=device,
             force=force,
             ignore_unknown=ignore_unknown,
@@ -357,15 +429,13 @@ def patches(
             reporter=reporter,
         )
 
-    summary = _run(debug, _job(quiet, make))
-    if as_json:
-        _emit_json(summary)
+    _run_job(debug, quiet, as_json, make)
 
 
-@app.command()
+@app.command(epilog=EPILOG)
 def canonicalize(
     inputs: Annotated[
-        list[Path],
+        list[str],
         typer.Argument(
             help="MODEL TENSORS, or with --inverse: CANONICAL (or MODEL CANONICAL).",
             show_default=False,
@@ -385,15 +455,22 @@ def canonicalize(
             "--separate-bias", help="Separate weight and bias blocks (default: joint per layer)."
         ),
     ] = False,
-    keep_untreated: Annotated[
+    treated_only: Annotated[
         bool,
         typer.Option(
-            "--keep-untreated", help="Give each parameter KFAC does not treat its own flat block."
+            "--treated-only",
+            help="Leave out every tensor KFAC does not treat (default: keep each as its own "
+            "untreated block).",
         ),
     ] = False,
+    keep_untreated: Annotated[
+        bool,
+        typer.Option("--keep-untreated", hidden=True, help="The default (kept for old scripts)."),
+    ] = False,
+    layer: LayerGlobs = None,
     layout: Annotated[
         Layout, typer.Option(help="flat: [C_out*(rest+1)]; matrix: [C_out, rest+1].")
-    ] = Layout.flat,
+    ] = Layout.FLAT,
     columns: Annotated[
         bool,
         typer.Option("--columns", help="Tensors carry a trailing column axis: [*param_shape, C]."),
@@ -405,7 +482,6 @@ def canonicalize(
         ),
     ] = False,
     dtype: DTypeOpt = None,
-    device: Device = "cpu",
     force: Force = False,
     spec: Spec = None,
     unsafe_trust_pickle: UnsafePickle = False,
@@ -415,17 +491,23 @@ def canonicalize(
 ) -> None:
     """Convert parameter-space tensors to KFAC's canonical layout, and back with --inverse.
 
-    TENSORS (safetensors, sharded set, or weights-only .pt) holds one tensor per parameter
-    of MODEL: gradients, parameters, eigenvectors... OUT holds one tensor per KFAC block,
-    keyed by layer name (joint weight+bias) or parameter name (separate). Its metadata
-    records the groups, names, shapes and order, so --inverse needs no model.
+    TENSORS (safetensors, sharded set, weights-only .pt, or '-' for a stream) holds tensors
+    keyed by parameter name: gradients, parameters, eigenvectors... All of the model's
+    parameters or any subset of whole layers (files without frozen parameters, treated
+    layers only). OUT holds one tensor per KFAC block, keyed by layer name (joint
+    weight+bias) or parameter name (separate); every other tensor (untreated parameters,
+    buffers, a tied parameter's second key) is kept as its own block marked untreated,
+    unless --treated-only. Its metadata records the blocks, the input's keys, shapes and
+    order, and the parameters that were absent, so --inverse gives back exactly the input's
+    tensors and needs no model.
 
     \b
     Examples:
         $ kfac-cli canonicalize model.pt2 grads.safetensors -o canonical.safetensors
         $ kfac-cli canonicalize model.pt2 grads.safetensors -o blocks.safetensors \\
-              --layout matrix --batch-first
+              --layout matrix --batch-first --treated-only
         $ kfac-cli canonicalize --inverse canonical.safetensors -o grads-again.safetensors
+        $ cat grads.safetensors | kfac-cli canonicalize model.pt2 - -o -
     """
     _check_stdout(output, as_json)
     if inverse and len(inputs) not in (1, 2):
@@ -434,20 +516,28 @@ def canonicalize(
         )
     if not inverse and len(inputs) != 2:
         raise typer.BadParameter("expected MODEL TENSORS", param_hint="inputs")
+    if len(inputs) == 2:
+        _check_model(inputs[0])
     if inverse and (
-        separate_bias or keep_untreated or columns or batch_first or layout is not Layout.flat
+        separate_bias
+        or treated_only
+        or layer
+        or columns
+        or batch_first
+        or layout is not Layout.FLAT
     ):
         raise typer.BadParameter(
             "with --inverse the layout options come from the file's metadata",
             param_hint="--inverse",
         )
+    if keep_untreated and not quiet:
+        err.print("Warning: --keep-untreated is the default now; it changes nothing", markup=False)
 
     def make(reporter):
-        from kfac_cli import canonical_job
+        from kfac_cli.jobs.canonicalize import run_canonicalize, run_uncanonicalize
 
         common = dict(
-            dtype=dtype.value if dtype else None,
-            device=device,
+            dtype=dtype,
             force=force,
             spec=spec,
             unsafe_pickle=unsafe_trust_pickle,
@@ -455,24 +545,21 @@ def canonicalize(
         )
         if inverse:
             model = inputs[0] if len(inputs) == 2 else None
-            return lambda: canonical_job.run_uncanonicalize(
-                inputs[-1], output, model=model, **common
-            )
-        return lambda: canonical_job.run_canonicalize(
+            return run_uncanonicalize(inputs[-1], output, model=model, **common)
+        return run_canonicalize(
             inputs[0],
             inputs[1],
             output,
             separate_bias=separate_bias,
-            keep_untreated=keep_untreated,
+            treated_only=treated_only,
+            patterns=layer,
             layout=layout.value,
             columns=columns,
             batch_first=batch_first,
             **common,
         )
 
-    summary = _run(debug, _job(quiet, make))
-    if as_json:
-        _emit_json(summary)
+    _run_job(debug, quiet, as_json, make)
 
 
 def _terminate(signum: int, frame: object) -> None:

@@ -1,4 +1,4 @@
-"""The enumerations of SPEC.md, as string enums whose ``in`` accepts values.
+"""The enumerations of docs/formats.md, as string enums whose ``in`` accepts values.
 
 >>> "reduce" in KFACType, "foo" in KFACType
 (True, False)
@@ -51,6 +51,38 @@ class FisherType(str, Enum, metaclass=_ValueContains):
     MC = "mc"
     EMPIRICAL = "empirical"
     FORWARD_ONLY = "forward-only"
+
+    def __str__(self) -> str:
+        return self.value
+
+
+class LossReduction(str, Enum, metaclass=_ValueContains):
+    """How a loss batch's per-example terms were combined: ``mean`` or ``sum``."""
+
+    MEAN = "mean"
+    SUM = "sum"
+
+    def __str__(self) -> str:
+        return self.value
+
+
+class Layout(str, Enum, metaclass=_ValueContains):
+    """Canonical block layout: ``flat`` ``[C_out*(rest+1)]`` or ``matrix`` ``[C_out, rest+1]``."""
+
+    FLAT = "flat"
+    MATRIX = "matrix"
+
+    def __str__(self) -> str:
+        return self.value
+
+
+class ComputeDtype(str, Enum, metaclass=_ValueContains):
+    """Floating-point dtypes a computation can run in, by name."""
+
+    FLOAT32 = "float32"
+    FLOAT64 = "float64"
+    FLOAT16 = "float16"
+    BFLOAT16 = "bfloat16"
 
     def __str__(self) -> str:
         return self.value

@@ -7,8 +7,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from kfac_cli.canonical import block_shape, check_groups, from_canonical, to_canonical
-from kfac_cli.errors import KfacCliError
+from kfac_cli.errors import KfacError
+from kfac_cli.ops.canonical import block_shape, check_groups, from_canonical, to_canonical
 
 SHAPES = {
     "conv.weight": (5, 6, 4, 4),
@@ -140,14 +140,14 @@ def test_hypothesis_round_trip(c_out, rest, cols, joint):
     ids=["missing", "twice", "unknown", "bias-length", "bad-key"],
 )
 def test_inconsistent_groups(groups, match):
-    with pytest.raises(KfacCliError, match=match):
+    with pytest.raises(KfacError, match=match):
         check_groups(SHAPES, groups)
 
 
 def test_wrong_tensor_shape_is_refused():
     t = _tensors()
     t["fc.weight"] = torch.randn(7, 8)
-    with pytest.raises(KfacCliError, match=r"fc.weight: expected shape \[7, 9\]"):
+    with pytest.raises(KfacError, match=r"fc.weight: expected shape \[7, 9\]"):
         to_canonical(t, JOINT, SHAPES)
 
 

@@ -14,8 +14,8 @@ import torch.nn.functional as F
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from kfac_cli.checkpoints import load_layer_table
-from kfac_cli.patches import layer_patches
+from kfac_cli.models.load import load_layer_table
+from kfac_cli.ops.patches import layer_patches
 from tests.conftest import CUDA, invoke, kfac_cli_exe, run_cli
 from tests.models import MLPStack, ResNetLike, record_activations, write_model_files
 
@@ -188,7 +188,7 @@ def test_write_error_leaves_nothing(cnn, tmp_path):
     """A disk-full error in the middle of writing (monkeypatched in-process)."""
     from typer.testing import CliRunner
 
-    import kfac_cli.tensorfile as tf
+    import kfac_cli.files.writer as tf
     from kfac_cli.cli import app
 
     _, files = cnn
@@ -231,7 +231,7 @@ def test_bounded_memory(tmp_path):
         [
             sys.executable,
             "-c",
-            "import resource, torch, kfac_cli.patches_job;"
+            "import resource, torch, kfac_cli.jobs.patches;"
             "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024)",
         ],
         capture_output=True,
@@ -274,7 +274,7 @@ def test_canonicalize_round_trip(request, tmp_path, which, layout, separate, axe
     trail = (2,) if axes in ("columns", "both") else ()
     params, tensors = _param_file(model, tmp_path, lead, trail)
     canon, back = tmp_path / "c.safetensors", tmp_path / "back.safetensors"
-    args = ["--layout", layout, "--keep-untreated"]
+    args = ["--layout", layout]
     args += ["--separate-bias"] * separate + ["--columns"] * bool(trail)
     args += ["--batch-first"] * bool(lead)
     assert invoke("canonicalize", files["safetensors"], params, "-o", canon, *args).returncode == 0
@@ -291,7 +291,7 @@ def test_canonical_blocks_by_hand(cnn, tmp_path):
     model, files = cnn
     params, tensors = _param_file(model, tmp_path)
     canon = tmp_path / "c.safetensors"
-    run_cli("canonicalize", files["pt2"], params, "-o", canon, "--keep-untreated", check=True)
+    run_cli("canonicalize", files["pt2"], params, "-o", canon, check=True)
     blocks = load_file(canon)
     w, b = tensors["head.weight"], tensors["head.bias"]
     rest = w[0].numel()
@@ -311,17 +311,13 @@ def test_canonical_blocks_by_hand(cnn, tmp_path):
     assert any(b["untreated"] for b in json.loads(meta["blocks"]))
 
 
-def test_untreated_missing_and_extra_are_errors(cnn, tmp_path):
+def test_partial_extra_and_misshapen_tensors_are_errors(cnn, tmp_path):
     model, files = cnn
-    params, tensors = _param_file(model, tmp_path)
+    _, tensors = _param_file(model, tmp_path)
     out = tmp_path / "c.safetensors"
-    proc = run_cli("canonicalize", files["pt2"], params, "-o", out)
-    assert (
-        proc.returncode == 1 and b"bn.weight" in proc.stderr and b"--keep-untreated" in proc.stderr
-    )
-    for change in ("missing", "extra", "shape"):
+    for change in ("half-layer", "extra", "shape"):
         t = dict(tensors)
-        if change == "missing":
+        if change == "half-layer":
             del t["head.bias"]
         elif change == "extra":
             t["head.bais"] = t["head.bias"].clone()
@@ -329,18 +325,32 @@ def test_untreated_missing_and_extra_are_errors(cnn, tmp_path):
             t["head.weight"] = torch.randn(5, 13)
         bad = tmp_path / f"{change}.safetensors"
         save_file(t, bad)
-        proc = run_cli("canonicalize", files["pt2"], bad, "-o", out, "--keep-untreated")
+        proc = run_cli("canonicalize", files["pt2"], bad, "-o", out)
         assert proc.returncode == 1, change
         lines = proc.stderr.decode().strip().splitlines()
         assert lines[0].startswith(f"Error: {bad}: head."), lines
         assert not out.exists()
+    assert "--separate-bias" in proc_half_layer_stderr(files, tmp_path, tensors)
+
+
+def proc_half_layer_stderr(files, tmp_path, tensors) -> str:
+    t = {k: v for k, v in tensors.items() if k != "head.bias"}
+    bad = tmp_path / "half.safetensors"
+    save_file(t, bad)
+    proc = run_cli("canonicalize", files["pt2"], bad, "-o", tmp_path / "h.safetensors")
+    assert proc.returncode == 1
+    out = tmp_path / "sep.safetensors"
+    ok = run_cli("canonicalize", files["pt2"], bad, "-o", out, "--separate-bias")
+    assert ok.returncode == 0, ok.stderr
+    assert "head.weight" in load_file(out) and "head.bias" not in load_file(out)
+    return proc.stderr.decode()
 
 
 def test_inverse_refuses_edited_metadata(cnn, tmp_path):
     model, files = cnn
     params, _ = _param_file(model, tmp_path)
     canon = tmp_path / "c.safetensors"
-    run_cli("canonicalize", files["pt2"], params, "-o", canon, "--keep-untreated", check=True)
+    run_cli("canonicalize", files["pt2"], params, "-o", canon, check=True)
     blocks = load_file(canon)
     with safe_open(canon, framework="pt") as f:
         meta = f.metadata()

@@ -9,10 +9,10 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from kfac_cli.checkpoints import load_layer_table
-from kfac_cli.conv import ConvParams
-from kfac_cli.errors import KfacCliError
-from kfac_cli.layers import FORMAT
+from kfac_cli.errors import KfacError
+from kfac_cli.models.load import load_layer_table
+from kfac_cli.models.table import FORMAT
+from kfac_cli.ops.conv import ConvParams
 from tests.conftest import run_cli
 from tests.models import KFAC_MODULES, MLPStack, ResNetLike, write_model_files
 
@@ -102,17 +102,17 @@ def test_state_dict_without_spec_knows_no_hyper_parameters(cnn):
     _, files = cnn
     table = load_layer_table(files["safetensors"])
     assert table.layer("stem").conv is None
-    with pytest.raises(KfacCliError, match="known conv hyper-parameters") as info:
+    with pytest.raises(KfacError, match="known conv hyper-parameters") as info:
         table.layer("stem").require_conv(files["safetensors"])
-    assert "--spec" in info.value.hint
+    assert info.value.fix == "spec"
     assert table.layer("head").kind == "linear"
 
 
 def test_pickled_module_is_refused_without_the_flag(cnn):
     _, files = cnn
-    with pytest.raises(KfacCliError, match="weights-only state dict") as info:
+    with pytest.raises(KfacError, match="weights-only state dict") as info:
         load_layer_table(files["pickle"])
-    assert "--unsafe-trust-pickle" in info.value.hint
+    assert info.value.fix == "unsafe_pickle"
 
 
 def test_weight_shared_with_different_hyper_parameters_is_an_error(tmp_path):
@@ -127,7 +127,7 @@ def test_weight_shared_with_different_hyper_parameters_is_an_error(tmp_path):
 
     path = tmp_path / "shared.pt2"
     torch.export.save(torch.export.export(Shared(), (torch.randn(1, 3, 8, 8),)), path)
-    with pytest.raises(KfacCliError, match="different ones in calls"):
+    with pytest.raises(KfacError, match="different ones in calls"):
         load_layer_table(path)
 
 
@@ -192,7 +192,7 @@ def test_unknown_schema_version(cnn, tmp_path):
                 doc["schema_version"] = {"major": 99, "minor": 0}
                 data = json.dumps(doc).encode()
             dst.writestr(info, data)
-    with pytest.raises(KfacCliError, match="major version 8"):
+    with pytest.raises(KfacError, match="major version 8"):
         load_layer_table(out)
 
 
@@ -213,15 +213,19 @@ def test_layers_json_has_the_documented_fields(cnn):
         "source",
         "layers",
         "untreated",
+        "untreated_layers",
         "parameters",
+        "aliases",
         "buffers",
     }
+    assert doc["version"] == 2
     common = {"name", "kind", "weight", "bias", "weight_shape", "calls", "canonical_size"}
+    common |= {"modules", "shared_with"}
     conv = common | {"kernel_size", "stride", "padding", "dilation", "groups", "padding_mode"}
     for layer in doc["layers"]:
         assert set(layer) == (common if layer["kind"] == "linear" else conv), layer["name"]
     assert all(set(u) == {"name", "shape", "used_by"} for u in doc["untreated"])
-    assert all(set(p) == {"name", "shape"} for p in doc["parameters"])
+    assert all(set(p) == {"name", "shape", "frozen"} for p in doc["parameters"])
 
 
 def test_attention_and_embedding_with_a_dynamic_batch(tmp_path):

@@ -16,9 +16,9 @@ import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from kfac_cli.conv import ConvParams
-from kfac_cli.errors import KfacCliError
-from kfac_cli.patches import (
+from kfac_cli.errors import KfacError
+from kfac_cli.ops.conv import ConvParams
+from kfac_cli.ops.patches import (
     REDUCE_METHODS,
     conv_averaged_patches,
     conv_patches,
@@ -350,14 +350,14 @@ def test_agrees_with_curvlinops(case):
 def test_invalid_hyper_parameters(kwargs, shape, match):
     x = torch.randn(*shape)
     for fn in (extract_patches, extract_averaged_patches):
-        with pytest.raises(KfacCliError, match=match):
+        with pytest.raises(KfacError, match=match):
             fn(x, **kwargs) if len(shape) == 4 else conv_patches(
                 x, ConvParams.create(n=2, **kwargs)
             )
 
 
 def test_integer_input_is_refused():
-    with pytest.raises(KfacCliError, match="floating-point"):
+    with pytest.raises(KfacError, match="floating-point"):
         extract_patches(torch.ones(1, 1, 4, 4, dtype=torch.int64), 3)
 
 
@@ -366,8 +366,8 @@ def test_reduce_never_materialises_the_unfolded_tensor():
     the expand size."""
     code = """
 import resource, torch
-from kfac_cli.conv import ConvParams
-from kfac_cli.patches import conv_averaged_patches
+from kfac_cli.ops.conv import ConvParams
+from kfac_cli.ops.patches import conv_averaged_patches
 torch.set_num_threads(1)
 x = torch.randn(8, 64, 128, 128)  # 32 MiB; expand with 7x7 taps would be about 1.5 GiB
 base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss

@@ -34,7 +34,7 @@ def main() -> None:
     args = parser.parse_args()
     from safetensors.torch import load_file
 
-    from kfac_cli.patches import conv_averaged_patches, conv_patches
+    from kfac_cli.ops.patches import conv_averaged_patches, conv_patches
     from tests.benchmarks.workload import PRESETS, layers, write
 
     report: dict = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__}

@@ -205,7 +205,7 @@ def _has_curvlinops() -> bool:
 
 
 def _layer_shapes(folder: Path):
-    from kfac_cli.tensorfile import TensorSource
+    from kfac_cli.files.sources import TensorSource
 
     with TensorSource(folder / "acts.safetensors") as src:
         return [info.shape for info in src.infos.values()]
@@ -215,8 +215,8 @@ def bench_kernels(folder: Path, args, report: dict) -> None:
     """In-memory kernels, layer by layer, alternating; sums over layers, medians over runs."""
     import torch
 
-    from kfac_cli.jobs import CHUNK_BYTES
-    from kfac_cli.patches import conv_averaged_patches, conv_patches
+    from kfac_cli.jobs.skeleton import CHUNK_BYTES
+    from kfac_cli.ops.patches import conv_averaged_patches, conv_patches
     from tests.benchmarks.workload import PRESETS, layers
 
     torch.set_num_threads(args.threads)
@@ -320,7 +320,7 @@ def _kfac_utils():
 def bench_canonicalize(folder: Path, args, env: dict, report: dict) -> None:
     import torch
 
-    from kfac_cli.tensorfile import SafetensorsWriter
+    from kfac_cli.files.writer import SafetensorsWriter
 
     n_layers = 8 if args.preset == "large" else 2
     params = folder / "params.safetensors"

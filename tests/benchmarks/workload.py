@@ -32,8 +32,8 @@ class ConvLayer:
         return nn.Conv2d(self.c_in, self.c_out, **self.kwargs)
 
     def params(self):
-        """The layer's :class:`kfac_cli.conv.ConvParams`."""
-        from kfac_cli.conv import ConvParams
+        """The layer's :class:`kfac_cli.ops.conv.ConvParams`."""
+        from kfac_cli.ops.conv import ConvParams
 
         kw = self.kwargs
         return ConvParams.create(
@@ -152,7 +152,7 @@ class Workload(nn.Module):
 
 def write(folder: Path, preset: str) -> dict:
     """Write ``model.pt2``, ``spec.json`` and ``acts.safetensors`` (streamed, deterministic)."""
-    from kfac_cli.tensorfile import SafetensorsWriter
+    from kfac_cli.files.writer import SafetensorsWriter
 
     folder.mkdir(parents=True, exist_ok=True)
     batch = PRESETS[preset]

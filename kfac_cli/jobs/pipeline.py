@@ -1,9 +1,18 @@
-"""Overlapped streaming: a background thread writes while the main thread computes.
+"""The streaming pipeline: a reader thread, the device stage, and a writer thread.
 
-The main thread computes output chunks into buffers from a small :class:`BufferPool` and
-hands them to a :class:`BackgroundWriter`, whose thread writes them in order and returns
-each buffer to its pool once written. Reads, copies and writes release the GIL, so I/O and
-compute overlap even with one compute thread. Memory stays bounded: a few chunks in flight.
+Reads run a few chunks ahead on a :class:`Prefetcher` thread into buffers from a small
+:class:`BufferPool`; the main thread moves each chunk through the :class:`DeviceStage`
+(host to device, compute, device to host) and hands the result to a
+:class:`BackgroundWriter`, whose thread writes it and then releases its buffers. Reads,
+copies and writes release the GIL, so I/O and compute overlap even with one compute thread;
+memory stays a few chunks.
+
+On a CUDA device the stage also overlaps the transfers with the kernels: copies in run on
+their own stream, the compute stream waits for them on an event; copies out run on a third
+stream after an event of the compute stream; the output alternates between two device
+buffers, each reused only after the copy out of it has finished; ``record_stream`` tells
+the caching allocator which streams use a tensor. The writer waits for the copy-out event
+before it touches the host buffer.
 """
 
 from __future__ import annotations
@@ -16,7 +25,7 @@ from collections.abc import Callable, Iterable
 import torch
 from torch import Tensor
 
-from kfac_cli.tensorfile import SafetensorsWriter
+from kfac_cli.files.writer import SafetensorsWriter
 
 
 class BufferPool:
@@ -47,12 +56,17 @@ def view(buf: Tensor, dtype: torch.dtype, shape: tuple[int, ...]) -> Tensor:
     return buf[:n].view(dtype).view(shape)
 
 
+def shares_memory(a: Tensor, b: Tensor) -> bool:
+    """Whether ``a`` and ``b`` live in the same storage."""
+    return a.untyped_storage().data_ptr() == b.untyped_storage().data_ptr()
+
+
 class BackgroundWriter:
     """Writes ``(key, tensor)`` items through a :class:`SafetensorsWriter` on a thread.
 
     ``put`` blocks while ``depth`` items are waiting; ``done`` callbacks run after an item
-    is written (e.g. to return its buffer); an ``event`` (CUDA) is waited for before writing.
-    Errors on the thread are re-raised in the caller by ``put`` and ``close``.
+    is written (e.g. to return its buffers); an ``event`` (CUDA) is waited for before
+    writing. Errors on the thread are re-raised in the caller by ``put`` and ``close``.
     """
 
     _STOP = object()
@@ -154,3 +168,75 @@ class Prefetcher:
 
     def close(self) -> None:
         self._executor.shutdown(wait=True, cancel_futures=True)
+
+
+class DeviceStage:
+    """Chunks to the compute device and results back, overlapped on a CUDA device.
+
+    On the CPU every method is (nearly) the identity. See the module docstring for the
+    CUDA streams and events.
+    """
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.cuda = device.type == "cuda"
+        self.host_pool = BufferPool(3, torch.device("cpu"), pin_memory=self.cuda)
+        self._outputs: list[tuple[Tensor | None, object]] = [(None, None), (None, None)]
+        self._turn = 0
+        if self.cuda:
+            self._compute = torch.cuda.current_stream(device)
+            self._copy_in = torch.cuda.Stream(device)
+            self._copy_out = torch.cuda.Stream(device)
+
+    @property
+    def on_cpu(self) -> bool:
+        return self.device.type == "cpu"
+
+    def to_device(self, host: Tensor, dtype: torch.dtype) -> Tensor:
+        """``host`` on the device as ``dtype``; the compute stream waits for the copy.
+
+        The host tensor must stay untouched until the result of the computation on it has
+        come back (release its buffer in the writer's ``done``)."""
+        if self.on_cpu:
+            return host.to(dtype)
+        if not self.cuda:
+            return host.to(self.device, dtype)
+        with torch.cuda.stream(self._copy_in):
+            x = host.to(self.device, non_blocking=True)
+            copied = torch.cuda.Event()
+            copied.record(self._copy_in)
+        self._compute.wait_event(copied)
+        x.record_stream(self._compute)
+        return x.to(dtype)
+
+    def output(self, nbytes: int) -> Tensor:
+        """A device buffer for one result: two alternate, each reused only after the copy
+        out of its previous result has finished."""
+        buf, done = self._outputs[self._turn]
+        if self.cuda and done is not None:
+            self._compute.wait_event(done)
+        if buf is None or buf.numel() < nbytes:
+            buf = torch.empty(max(nbytes, 1), dtype=torch.uint8, device=self.device)
+        self._outputs[self._turn] = (buf, None)
+        return buf
+
+    def to_host(self, y: Tensor, host_buf: Tensor) -> tuple[Tensor, object]:
+        """``y`` copied into ``host_buf`` (a pinned host buffer): ``(host tensor, event)``,
+        the event to wait for before reading the host tensor (``None``: ready)."""
+        host = view(host_buf, y.dtype, tuple(y.shape))
+        if not self.cuda:
+            host.copy_(y)  # synchronous from MPS and other devices
+            return host, None
+        computed = torch.cuda.Event()
+        computed.record(self._compute)
+        with torch.cuda.stream(self._copy_out):
+            self._copy_out.wait_event(computed)
+            host.copy_(y, non_blocking=True)
+            y.record_stream(self._copy_out)
+            copied = torch.cuda.Event()
+            copied.record(self._copy_out)
+        buf, _ = self._outputs[self._turn]
+        if buf is not None and shares_memory(buf, y):
+            self._outputs[self._turn] = (buf, copied)
+            self._turn = 1 - self._turn
+        return host, copied

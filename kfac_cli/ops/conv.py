@@ -1,4 +1,5 @@
-"""A convolution's hyper-parameters, normalised and checked (SPEC.md, "Convolution layer").
+"""A convolution's hyper-parameters, normalised and checked (``docs/formats.md``,
+"Convolutions").
 
 ``ConvParams`` holds kernel, stride, dilation, padding and groups for N = 1, 2, 3 spatial
 dims. Padding is kept as the user gave it (an int per dim, a ``(left, right)`` pair per dim,
@@ -13,7 +14,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from math import prod
 
-from kfac_cli.errors import KfacCliError
+from kfac_cli.errors import KfacError
 
 PADDING_MODES = ("zeros", "reflect", "replicate", "circular")
 
@@ -27,7 +28,7 @@ def _tuple(value: int | Sequence[int], n: int, what: str) -> tuple[int, ...]:
     if len(out) == 1 and n > 1:
         out = out * n
     if len(out) != n or not all(isinstance(v, int) and not isinstance(v, bool) for v in out):
-        raise KfacCliError(None, None, f"{what} as an int or {n} ints", repr(value))
+        raise KfacError(None, None, f"{what} as an int or {n} ints", repr(value))
     return out
 
 
@@ -69,19 +70,19 @@ class ConvParams:
             n: Number of spatial dims; inferred from ``kernel_size`` if it is a tuple.
 
         Raises:
-            KfacCliError: For invalid values (e.g. stride 2 with ``'same'``).
+            KfacError: For invalid values (e.g. stride 2 with ``'same'``).
         """
         if n is None:
             n = 1 if isinstance(kernel_size, int) else len(tuple(kernel_size))
         if n not in (1, 2, 3):
-            raise KfacCliError(None, None, "1, 2 or 3 spatial dims", f"{n}")
+            raise KfacError(None, None, "1, 2 or 3 spatial dims", f"{n}")
         k = _tuple(kernel_size, n, "kernel_size")
         s = _tuple(stride, n, "stride")
         d = _tuple(dilation, n, "dilation")
         pad: Padding
         if isinstance(padding, str):
             if padding not in ("same", "valid"):
-                raise KfacCliError(None, None, "padding 'same', 'valid' or ints", repr(padding))
+                raise KfacError(None, None, "padding 'same', 'valid' or ints", repr(padding))
             pad = padding
         elif isinstance(padding, int) or all(isinstance(p, int) for p in padding):
             pad = _tuple(padding, n, "padding")  # type: ignore[arg-type]
@@ -90,7 +91,7 @@ class ConvParams:
             if len(pairs) != n or not all(
                 len(p) == 2 and all(isinstance(v, int) for v in p) for p in pairs
             ):
-                raise KfacCliError(None, None, f"padding as {n} (left, right) pairs", repr(padding))
+                raise KfacError(None, None, f"padding as {n} (left, right) pairs", repr(padding))
             pad = pairs  # type: ignore[assignment]
         params = cls(k, s, pad, d, int(groups), padding_mode)
         params.check()
@@ -102,26 +103,26 @@ class ConvParams:
         return len(self.kernel_size)
 
     def check(self) -> None:
-        """Raise :class:`KfacCliError` for values no convolution accepts."""
+        """Raise :class:`KfacError` for values no convolution accepts."""
         for what, vals in (
             ("kernel_size", self.kernel_size),
             ("stride", self.stride),
             ("dilation", self.dilation),
         ):
             if any(v < 1 for v in vals):
-                raise KfacCliError(None, None, f"positive {what}", str(list(vals)))
+                raise KfacError(None, None, f"positive {what}", str(list(vals)))
         if self.groups < 1:
-            raise KfacCliError(None, None, "groups >= 1", str(self.groups))
+            raise KfacError(None, None, "groups >= 1", str(self.groups))
         if self.padding_mode not in PADDING_MODES:
-            raise KfacCliError(
+            raise KfacError(
                 None, None, f"padding_mode in {', '.join(PADDING_MODES)}", repr(self.padding_mode)
             )
         if self.padding == "same" and any(v != 1 for v in self.stride):
-            raise KfacCliError(
+            raise KfacError(
                 None, None, "stride 1 with padding 'same'", f"stride {list(self.stride)}"
             )
         if any(v < 0 for pair in self.pads() for v in pair):
-            raise KfacCliError(None, None, "non-negative padding", repr(self.padding))
+            raise KfacError(None, None, "non-negative padding", repr(self.padding))
 
     def pads(self) -> tuple[tuple[int, int], ...]:
         """Explicit ``(left, right)`` padding per spatial dim."""
@@ -141,7 +142,7 @@ class ConvParams:
         """``O = floor((I + P_l + P_r - D*(K-1) - 1) / S) + 1`` per spatial dim.
 
         Raises:
-            KfacCliError: If the kernel is larger than the padded input in some dim.
+            KfacError: If the kernel is larger than the padded input in some dim.
         """
         out = []
         for i, k, s, d, (pl, pr) in zip(
@@ -149,7 +150,7 @@ class ConvParams:
         ):
             span = d * (k - 1) + 1
             if i + pl + pr < span:
-                raise KfacCliError(
+                raise KfacError(
                     None,
                     None,
                     f"a padded spatial size of at least {span} (kernel {list(self.kernel_size)}, "
@@ -163,28 +164,28 @@ class ConvParams:
         """Check an input shape ``[B, C_in, I_1..I_N]``; return the output size ``O``.
 
         Raises:
-            KfacCliError: For a wrong rank, channels not divisible by groups, too small a size,
+            KfacError: For a wrong rank, channels not divisible by groups, too small a size,
                 or a reflect padding wider than the input.
         """
         n = self.ndim
         if len(shape) != n + 2:
             dims = ", ".join(["B", "C_in", *(f"I{i + 1}" for i in range(n))])
-            raise KfacCliError(None, None, f"rank {n + 2} [{dims}]", f"shape {list(shape)}")
+            raise KfacError(None, None, f"rank {n + 2} [{dims}]", f"shape {list(shape)}")
         if shape[1] % self.groups:
-            raise KfacCliError(
+            raise KfacError(
                 None, None, f"C_in divisible by groups={self.groups}", f"C_in={shape[1]}"
             )
         spatial = tuple(shape[2:])
         if self.padding_mode == "reflect" and any(
             max(p) >= i for i, p in zip(spatial, self.pads())
         ):
-            raise KfacCliError(
+            raise KfacError(
                 None, None, "reflect padding smaller than the input", f"input size {list(spatial)}"
             )
         if self.padding_mode == "circular" and any(
             max(p) > i for i, p in zip(spatial, self.pads())
         ):
-            raise KfacCliError(
+            raise KfacError(
                 None,
                 None,
                 "circular padding no larger than the input",

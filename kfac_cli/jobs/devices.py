@@ -1,24 +1,20 @@
-"""Choosing the compute device and dtype from the command line's words."""
+"""Choosing the compute device and dtype by name."""
 
 from __future__ import annotations
 
 import torch
 
-from kfac_cli.errors import KfacCliError
+from kfac_cli.enums import ComputeDtype
+from kfac_cli.errors import KfacError
 
-COMPUTE_DTYPES = {
-    "float32": torch.float32,
-    "float64": torch.float64,
-    "float16": torch.float16,
-    "bfloat16": torch.bfloat16,
-}
+COMPUTE_DTYPES = {name.value: getattr(torch, name.value) for name in ComputeDtype}
 
 
 def resolve_device(name: str) -> torch.device:
     """``cpu``, ``cuda``, ``cuda:N``, ``mps`` or ``auto`` (a GPU when there is one).
 
     Raises:
-        KfacCliError: For an unknown or unavailable device.
+        KfacError: For an unknown or unavailable device.
     """
     if name == "auto":
         if torch.cuda.is_available():
@@ -29,12 +25,12 @@ def resolve_device(name: str) -> torch.device:
     try:
         device = torch.device(name)
     except RuntimeError:
-        raise KfacCliError(None, "--device", "cpu, cuda, cuda:N, mps or auto", repr(name)) from None
+        raise KfacError(None, "device", "cpu, cuda, cuda:N, mps or auto", repr(name)) from None
     if device.type == "cuda":
         if not torch.cuda.is_available():
-            raise KfacCliError(None, "--device", f"an available {name}", "no usable CUDA device")
+            raise KfacError(None, "device", f"an available {name}", "no usable CUDA device")
         if device.index is not None and device.index >= torch.cuda.device_count():
-            raise KfacCliError(
+            raise KfacError(
                 None,
                 "--device",
                 f"an available {name}",
@@ -42,16 +38,16 @@ def resolve_device(name: str) -> torch.device:
             )
     elif device.type == "mps":
         if not torch.backends.mps.is_available():
-            raise KfacCliError(None, "--device", "an available mps device", "none")
+            raise KfacError(None, "device", "an available mps device", "none")
     elif device.type != "cpu":
-        raise KfacCliError(None, "--device", "cpu, cuda, cuda:N, mps or auto", repr(name))
+        raise KfacError(None, "device", "cpu, cuda, cuda:N, mps or auto", repr(name))
     return device
 
 
-def resolve_dtype(name: str | None) -> torch.dtype | None:
+def resolve_dtype(name: str | ComputeDtype | None) -> torch.dtype | None:
     """A compute dtype by name, or ``None`` to keep each input's dtype."""
     if name is None:
         return None
-    if name not in COMPUTE_DTYPES:
-        raise KfacCliError(None, "--dtype", f"one of {', '.join(COMPUTE_DTYPES)}", repr(name))
-    return COMPUTE_DTYPES[name]
+    if str(name) not in COMPUTE_DTYPES:
+        raise KfacError(None, "dtype", f"one of {', '.join(COMPUTE_DTYPES)}", repr(str(name)))
+    return COMPUTE_DTYPES[str(name)]

@@ -1,6 +1,6 @@
 """Patches (KFAC-expand) and averaged patches (KFAC-reduce) of convolution inputs.
 
-Layouts, as fixed by SPEC.md, for an input ``x: [B, C_in, I_1..I_N]``:
+Layouts, as ``docs/formats.md`` fixes them, for an input ``x: [B, C_in, I_1..I_N]``:
 
 - ``patches``: ``[B, O_1*...*O_N, (C_in/G)*K_1*...*K_N]``; rows are output locations in
   row-major order, columns ``(c, k_1, ..., k_N)`` with ``c`` slowest, matching
@@ -23,14 +23,14 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import Tensor
 
-from kfac_cli.conv import ConvParams
 from kfac_cli.enums import KFACType
-from kfac_cli.errors import KfacCliError
+from kfac_cli.errors import KfacError
+from kfac_cli.ops.conv import ConvParams
 
 
 def _check_dtype(x: Tensor) -> None:
     if not x.dtype.is_floating_point:
-        raise KfacCliError(None, None, "a floating-point dtype", f"dtype {x.dtype}")
+        raise KfacError(None, None, "a floating-point dtype", f"dtype {x.dtype}")
 
 
 def group_mean(x: Tensor, groups: int) -> Tensor:
@@ -380,7 +380,7 @@ def linear_patches(x: Tensor, bias_column: bool = False) -> Tensor:
     """KFAC-expand input of a linear layer: ``[B, ..., d_in] -> [B, S, d_in (+1)]``."""
     _check_dtype(x)
     if x.ndim < 2:
-        raise KfacCliError(None, None, "rank >= 2 [B, ..., d_in]", f"shape {list(x.shape)}")
+        raise KfacError(None, None, "rank >= 2 [B, ..., d_in]", f"shape {list(x.shape)}")
     flat = x.reshape(x.shape[0], prod(x.shape[1:-1]), x.shape[-1])
     if not bias_column:
         return flat.contiguous()
@@ -449,7 +449,7 @@ def output_shape(
     reduce = KFACType(approx) is KFACType.REDUCE
     if params is None:
         if len(input_shape) < 2:
-            raise KfacCliError(None, None, "rank >= 2 [B, ..., d_in]", f"shape {list(input_shape)}")
+            raise KfacError(None, None, "rank >= 2 [B, ..., d_in]", f"shape {list(input_shape)}")
         rows = prod(input_shape[1:-1])
         cols = input_shape[-1] + int(bias_column)
         return (input_shape[0], cols) if reduce else (input_shape[0], rows, cols)

@@ -1,4 +1,4 @@
-"""The canonical parameter layout (SPEC.md, "Canonical parameter layout").
+"""The canonical parameter layout (``docs/formats.md``, "Canonical layout").
 
 A tensor in parameter space is one tensor per parameter, ``[*lead, *param_shape, *trail]``,
 with ``lead`` leading axes (e.g. a per-sample axis ``N``) and ``trail`` trailing columns
@@ -24,9 +24,8 @@ from math import prod
 import torch
 from torch import Tensor
 
-from kfac_cli.errors import KfacCliError
-
-LAYOUTS = ("flat", "matrix")
+from kfac_cli.enums import Layout
+from kfac_cli.errors import KfacError
 
 
 @dataclass(frozen=True)
@@ -38,12 +37,12 @@ class ParamGroup:
 
     @classmethod
     def parse(cls, group: ParamGroup | Mapping[str, str]) -> ParamGroup:
-        """Accept ``ParamGroup`` or SPEC.md's ``{"W": ..., "b": ...}`` dicts."""
+        """Accept ``ParamGroup`` or the format's ``{"W": ..., "b": ...}`` dicts."""
         if isinstance(group, ParamGroup):
             return group
         unknown = set(group) - {"W", "b"}
         if unknown or not group:
-            raise KfacCliError(None, None, 'a group {"W": name, "b": name}', repr(dict(group)))
+            raise KfacError(None, None, 'a group {"W": name, "b": name}', repr(dict(group)))
         return cls(group.get("W"), group.get("b"))
 
     @property
@@ -70,7 +69,7 @@ def check_groups(
         The groups as :class:`ParamGroup`.
 
     Raises:
-        KfacCliError: A parameter in no group or in two, an unknown name, or a joint bias
+        KfacError: A parameter in no group or in two, an unknown name, or a joint bias
             whose length is not the weight's first dimension.
     """
     parsed = [ParamGroup.parse(g) for g in groups]
@@ -78,9 +77,9 @@ def check_groups(
     for i, g in enumerate(parsed):
         for name in g.names:
             if name not in shapes:
-                raise KfacCliError(None, name, "a parameter of the model", "an unknown name")
+                raise KfacError(None, name, "a parameter of the model", "an unknown name")
             if name in seen:
-                raise KfacCliError(
+                raise KfacError(
                     None,
                     name,
                     "each parameter in exactly one group",
@@ -90,7 +89,7 @@ def check_groups(
         if g.joint:
             w, b = tuple(shapes[g.W]), tuple(shapes[g.b])  # type: ignore[index]
             if len(w) < 2 or len(b) != 1 or b[0] != w[0]:
-                raise KfacCliError(
+                raise KfacError(
                     None,
                     g.b,
                     f"a bias of shape [{w[0] if w else '?'}] for weight {g.W} {list(w)}",
@@ -98,7 +97,7 @@ def check_groups(
                 )
     missing = [n for n in shapes if n not in seen]
     if missing:
-        raise KfacCliError(
+        raise KfacError(
             None,
             missing[0],
             "each parameter in exactly one group",
@@ -109,8 +108,8 @@ def check_groups(
 
 def block_shape(g: ParamGroup, shapes: Mapping[str, Sequence[int]], layout: str) -> tuple[int, ...]:
     """Shape of a group's canonical block, without lead or trail axes."""
-    if layout not in LAYOUTS:
-        raise KfacCliError(None, None, f"layout in {', '.join(LAYOUTS)}", repr(layout))
+    if layout not in Layout:
+        raise KfacError(None, None, f"layout in {', '.join(Layout)}", repr(layout))
     if g.joint:
         w = shapes[g.W]  # type: ignore[index]
         rows, cols = w[0], prod(w[1:]) + 1
@@ -127,7 +126,7 @@ def _param_axes(t: Tensor, name: str, shape: Sequence[int], lead: int, trail: in
     expected = len(shape) + lead + trail
     if t.ndim != expected or tuple(t.shape[lead : lead + len(shape)]) != tuple(shape):
         want = ["*lead"] * bool(lead) + [str(s) for s in shape] + ["C"] * trail
-        raise KfacCliError(None, name, f"shape [{', '.join(want)}]", f"{list(t.shape)}")
+        raise KfacError(None, name, f"shape [{', '.join(want)}]", f"{list(t.shape)}")
 
 
 def group_to_canonical(
@@ -151,7 +150,7 @@ def group_to_canonical(
     for name in g.names[1:]:
         t = tensors[name]
         if t.shape[:lead] != lead_shape or t.shape[t.ndim - trail :] != trail_shape:
-            raise KfacCliError(None, name, f"lead/trail axes as {g.names[0]}", f"{list(t.shape)}")
+            raise KfacError(None, name, f"lead/trail axes as {g.names[0]}", f"{list(t.shape)}")
     rows_cols = block_shape(g, shapes, "matrix")
     if g.joint:
         w = tensors[g.W].reshape(*lead_shape, rows_cols[0], rows_cols[1] - 1, *trail_shape)  # type: ignore[index]
@@ -176,7 +175,7 @@ def group_from_canonical(
     shape = block_shape(g, shapes, layout)
     core = tuple(block.shape[lead : block.ndim - trail])
     if block.ndim != lead + len(shape) + trail or core != shape:
-        raise KfacCliError(
+        raise KfacError(
             None,
             "/".join(g.names),
             f"a block of shape {list(shape)} (lead {lead}, trail {trail})",
@@ -222,7 +221,7 @@ def to_canonical(
     parsed = check_groups(shapes, groups)
     extra = [n for n in tensors if n not in shapes]
     if extra:
-        raise KfacCliError(None, extra[0], "only parameters of the groups", "an extra tensor")
+        raise KfacError(None, extra[0], "only parameters of the groups", "an extra tensor")
     return [
         group_to_canonical(g, tensors, shapes, lead=lead, trail=trail, layout=layout)
         for g in parsed
@@ -244,7 +243,7 @@ def from_canonical(
     """
     parsed = check_groups(shapes, groups)
     if len(blocks) != len(parsed):
-        raise KfacCliError(None, None, f"{len(parsed)} blocks", f"{len(blocks)}")
+        raise KfacError(None, None, f"{len(parsed)} blocks", f"{len(blocks)}")
     out: dict[str, Tensor] = {}
     for g, block in zip(parsed, blocks):
         out.update(group_from_canonical(g, block, shapes, lead=lead, trail=trail, layout=layout))

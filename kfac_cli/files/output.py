@@ -1,0 +1,129 @@
+"""Atomic output files: a temporary file beside the target, fsync, then rename.
+
+Nothing partial is ever visible under the target's name: on any error or interruption the
+temporary file is removed. An existing target is replaced (atomically) only with
+``force``; otherwise the final step is a hard link, which fails if the target appeared in
+the meantime. The file gets the mode any new file gets (``0666`` less the umask), or the
+mode of the file it replaces.
+
+``-`` writes to stdout instead: a reader that goes away (a broken pipe, ``| head``) raises
+:class:`~kfac_cli.errors.OutputClosed`, any other failed write a :class:`KfacError` that
+names stdout.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import os
+import stat
+import sys
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import BinaryIO
+
+from kfac_cli.errors import KfacError, OutputClosed
+
+STDOUT = "-"
+
+
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+UMASK = _umask()  # read once, at import (before any thread could create files)
+
+
+def check_target(target: str | Path, force: bool) -> None:
+    """Fail early (before any work) if ``target`` cannot be written."""
+    if str(target) == STDOUT:
+        return
+    path = Path(target)
+    if path.is_dir():
+        raise KfacError(path, None, "an output file path", "a directory")
+    if not path.parent.is_dir():
+        raise KfacError(path, None, "an existing output folder", "no such folder")
+    if path.exists() and not force:
+        raise KfacError(path, None, "a new output file", "an existing file", fix="force")
+
+
+def _fsync_dir(folder: Path) -> None:
+    with contextlib.suppress(OSError):
+        fd = os.open(folder, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+class StdoutWriter:
+    """Standard output as a binary stream whose failures name stdout."""
+
+    def __init__(self) -> None:
+        self._out = sys.stdout.buffer
+
+    def write(self, data) -> int:
+        try:
+            return self._out.write(data)
+        except BrokenPipeError:
+            raise OutputClosed from None
+        except OSError as e:
+            raise KfacError("stdout", None, "to write the output", _reason(e)) from None
+
+    def flush(self) -> None:
+        try:
+            self._out.flush()
+        except BrokenPipeError:
+            raise OutputClosed from None
+        except OSError as e:
+            raise KfacError("stdout", None, "to write the output", _reason(e)) from None
+
+
+def _reason(e: OSError) -> str:
+    return e.strerror or errno.errorcode.get(e.errno or 0, type(e).__name__)
+
+
+@contextlib.contextmanager
+def atomic_output(target: str | Path, force: bool = False) -> Iterator[BinaryIO]:
+    """Yield a binary stream whose bytes appear at ``target`` only if the block succeeds.
+
+    Raises:
+        KfacError: If the target exists without ``force``, or writing fails (disk full,
+            permission denied, folder gone).
+        OutputClosed: If ``target`` is ``-`` and the reader of stdout went away.
+    """
+    if str(target) == STDOUT:
+        out = StdoutWriter()
+        yield out  # type: ignore[misc]
+        out.flush()
+        return
+    path = Path(target)
+    check_target(path, force)
+    try:
+        mode = stat.S_IMODE(path.stat().st_mode) if force and path.exists() else 0o666 & ~UMASK
+        fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    except OSError as e:
+        raise KfacError(path, None, "a writable output folder", _reason(e)) from None
+    tmp = Path(tmp_name)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            yield fh
+            fh.flush()
+            os.fchmod(fh.fileno(), mode)
+            os.fsync(fh.fileno())
+        if force:
+            os.replace(tmp, path)
+        else:
+            os.link(tmp, path)
+            tmp.unlink()
+        _fsync_dir(path.parent)
+    except FileExistsError:
+        raise KfacError(path, None, "a new output file", "an existing file", fix="force") from None
+    except OSError as e:
+        raise KfacError(path, None, "to write the output", _reason(e)) from None
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            tmp.unlink()

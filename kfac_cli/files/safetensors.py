@@ -1,0 +1,313 @@
+"""Safetensors files: header validation and row-range reads into caller's buffers.
+
+The format (see ``docs/formats.md``): an 8-byte little-endian header length, a JSON header
+naming each tensor's dtype, shape and byte range, then the tensors' bytes, which tile the
+data section exactly.
+
+What the official ``safetensors`` library does as well, it does here: a regular file's
+header is validated by ``safetensors.safe_open`` too (its JSON parser bounds nesting depth,
+and anything it refuses, no other tool will read). What it cannot do is kept here: reading a
+tensor, or a range of its rows, with ``readinto``/``preadv`` straight into a pooled (or
+pinned) buffer, without mapping the file and without a copy, so that memory is bounded by a
+chunk of rows; and parsing a header from a stream (stdin, a pipe), which it cannot map.
+Our own checks come first, for messages that name what is wrong (a hole, an overlap, a
+duplicate key, which the official parser silently accepts).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import json
+import os
+import struct
+from dataclasses import dataclass
+from math import prod
+from pathlib import Path
+from typing import BinaryIO
+
+import torch
+from torch import Tensor
+
+from kfac_cli.errors import KfacError
+from kfac_cli.files.inputs import open_readable, read_exactly, sniff
+
+MAX_HEADER_BYTES = 100 * 2**20  # the official library's own limit
+
+DTYPES: dict[str, torch.dtype] = {
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "U16": torch.uint16,
+    "U32": torch.uint32,
+    "U64": torch.uint64,
+    "BOOL": torch.bool,
+    "F8_E4M3": torch.float8_e4m3fn,
+    "F8_E5M2": torch.float8_e5m2,
+}
+DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    """Where a tensor lies in its file: dtype, shape and absolute byte range."""
+
+    file: object  # the path, or "stdin"
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+    begin: int
+    end: int
+
+    @property
+    def nbytes(self) -> int:
+        return self.end - self.begin
+
+
+def _no_duplicates(pairs: list[tuple[str, object]]) -> dict:
+    out: dict = {}
+    for k, v in pairs:
+        if k in out:
+            raise ValueError(f"duplicate key {k!r}")
+        out[k] = v
+    return out
+
+
+def _parse_entry(path: Path, name: str, entry: object, data_start: int) -> TensorInfo:
+    if not isinstance(entry, dict) or set(entry) != {"dtype", "shape", "data_offsets"}:
+        raise KfacError(path, name, "an entry {dtype, shape, data_offsets}", repr(entry)[:80])
+    dtype = DTYPES.get(entry["dtype"]) if isinstance(entry["dtype"], str) else None
+    if dtype is None:
+        raise KfacError(path, name, f"a dtype in {', '.join(DTYPES)}", repr(entry["dtype"]))
+    shape, offsets = entry["shape"], entry["data_offsets"]
+    if not isinstance(shape, list) or not all(
+        isinstance(s, int) and not isinstance(s, bool) and s >= 0 for s in shape
+    ):
+        raise KfacError(path, name, "a shape of non-negative ints", repr(shape)[:80])
+    if (
+        not isinstance(offsets, list)
+        or len(offsets) != 2
+        or not all(isinstance(o, int) and not isinstance(o, bool) for o in offsets)
+        or not 0 <= offsets[0] <= offsets[1]
+    ):
+        raise KfacError(path, name, "data_offsets [begin, end]", repr(offsets)[:80])
+    nbytes = prod(shape) * dtype.itemsize
+    if offsets[1] - offsets[0] != nbytes:
+        raise KfacError(
+            path,
+            name,
+            f"{nbytes} bytes for {entry['dtype']} {shape}",
+            f"{offsets[1] - offsets[0]} bytes",
+        )
+    return TensorInfo(path, dtype, tuple(shape), data_start + offsets[0], data_start + offsets[1])
+
+
+def read_header(fh: BinaryIO, name: object, size: int | None = None) -> tuple[dict, dict, int]:
+    """Read and check the header at the start of ``fh``.
+
+    Args:
+        fh: The input, positioned at its first byte.
+        name: How the input is named in messages.
+        size: The input's size in bytes, if known (a file; ``None`` for a stream).
+
+    Returns:
+        ``(infos, metadata, data_end)``: each tensor's :class:`TensorInfo` (absolute byte
+        ranges), the ``__metadata__`` strings, and where the last tensor ends.
+
+    Raises:
+        KfacError: For a header that is not a well-formed safetensors header, or that does
+            not fit ``size``.
+    """
+    head = fh.read(8)
+    if len(head) < 8:
+        found = sniff(head) if not head else f"an input of only {len(head)} bytes"
+        raise KfacError(name, None, "a safetensors file", found)
+    (n,) = struct.unpack("<Q", head)
+    if n > MAX_HEADER_BYTES:
+        found = sniff(head) if sniff(head) != "unrecognised bytes" else f"length {n}"
+        raise KfacError(name, None, f"a header of at most {MAX_HEADER_BYTES} bytes", found)
+    if size is not None and 8 + n > size:
+        raise KfacError(
+            name, None, f"a header within the file's {size} bytes", f"header length {n}"
+        )
+    raw = fh.read(n)
+    if len(raw) < n:
+        raise KfacError(name, None, f"a header of {n} bytes", f"the input ended after {len(raw)}")
+    try:
+        header = json.loads(raw.decode("utf-8"), object_pairs_hook=_no_duplicates)
+    except RecursionError:
+        raise KfacError(name, None, "a header nested at most 3 deep", "deeper nesting") from None
+    except (UnicodeDecodeError, ValueError) as e:
+        found = sniff(head) if sniff(head) != "unrecognised bytes" else f"invalid JSON ({e})"
+        raise KfacError(name, None, "a safetensors JSON header", found[:120]) from None
+    if not isinstance(header, dict):
+        raise KfacError(name, None, "a JSON object header", type(header).__name__)
+    metadata = header.pop("__metadata__", None) or {}
+    if not isinstance(metadata, dict) or not all(
+        isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()
+    ):
+        raise KfacError(name, "__metadata__", "a map of strings to strings", "other values")
+    infos = {key: _parse_entry(name, key, e, 8 + n) for key, e in header.items()}
+    position = 8 + n
+    for key, info in sorted(infos.items(), key=lambda kv: (kv[1].begin, kv[1].end)):
+        if info.begin != position:
+            what = "overlapping data" if info.begin < position else "a hole before it"
+            raise KfacError(name, key, f"data starting at byte {position}", what)
+        position = info.end
+    if size is not None and position != size:
+        found = f"data ending at byte {size}" if position < size else "a truncated file"
+        raise KfacError(name, None, f"tensor data ending at byte {position}", found)
+    return infos, metadata, position
+
+
+def _official_check(path: Path) -> None:
+    """What the official library refuses, we refuse too (it maps the file, reads no data)."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(path), framework="pt"):
+            pass
+    except (SafetensorError, OSError, ValueError) as e:
+        found = str(e).removeprefix("Error while deserializing header: ")
+        raise KfacError(
+            path, None, "a header the safetensors library accepts", found[:120]
+        ) from None
+
+
+class SafetensorsFile:
+    """A validated safetensors file (random access) whose tensors are read on demand.
+
+    Args:
+        path: The file.
+
+    Raises:
+        KfacError: For anything that is not a well-formed safetensors file.
+    """
+
+    sequential = False
+
+    def __init__(self, path: Path | str) -> None:
+        self.path = Path(path)
+        self._fh = open_readable(self.path)
+        try:
+            size = os.fstat(self._fh.fileno()).st_size
+            self.infos, self.metadata, _ = read_header(self._fh, self.path, size)
+            _official_check(self.path)
+        except BaseException:
+            self._fh.close()
+            raise
+
+    def read(
+        self, name: str, out: Tensor | None = None, rows: tuple[int, int, int] | None = None
+    ) -> Tensor:
+        """Read one tensor (or some of its rows, see :func:`read_into`) into CPU memory."""
+        return read_into(self._fh, self.infos[name], out, rows)
+
+    def read_rows_into(self, name: str, rows: tuple[int, int, int], dst: Tensor) -> None:
+        """Rows of one tensor straight into ``dst`` (see :func:`read_rows_into`)."""
+        read_rows_into(self._fh, self.infos[name], rows, dst)
+
+    def close(self) -> None:
+        self._fh.close()
+
+    def __enter__(self) -> SafetensorsFile:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def tensor_bytes(t: Tensor) -> memoryview:
+    """A writable byte view of a contiguous CPU tensor's memory (no copy)."""
+    n = t.numel() * t.element_size()
+    return memoryview((ctypes.c_char * n).from_address(t.data_ptr())).cast("B")
+
+
+def row_range(
+    info: TensorInfo, rows: tuple[int, int, int] | None
+) -> tuple[tuple[int, ...], int, int]:
+    """``(shape, first byte, byte count)`` of a whole tensor (``rows=None``) or of rows
+    ``start:stop`` of it seen as ``[-1, row_len]`` (``rows=(row_len, start, stop)``)."""
+    if rows is None:
+        return info.shape, info.begin, info.nbytes
+    row_len, start, stop = rows
+    row_bytes = row_len * info.dtype.itemsize
+    begin, nbytes = info.begin + start * row_bytes, (stop - start) * row_bytes
+    if not 0 <= start <= stop or begin + nbytes > info.end:
+        raise ValueError(f"rows {start}:{stop} of {row_len} lie outside the tensor")
+    return (stop - start, row_len), begin, nbytes
+
+
+def read_into(
+    fh: BinaryIO,
+    info: TensorInfo,
+    out: Tensor | None = None,
+    rows: tuple[int, int, int] | None = None,
+) -> Tensor:
+    """Read ``info``'s tensor from ``fh`` straight into memory (no copy, no memory map).
+
+    Args:
+        fh: The open file.
+        info: Where the tensor lies.
+        out: A ``uint8`` buffer to read into (default: fresh memory).
+        rows: ``(row_len, start, stop)`` to read only rows ``start:stop`` of the tensor seen
+            as ``[-1, row_len]`` (rows are contiguous bytes: batch chunks, weight rows).
+
+    Returns:
+        ``info.shape``, or ``[stop - start, row_len]`` with ``rows``.
+    """
+    shape, begin, nbytes = row_range(info, rows)
+    t = torch.empty(shape, dtype=info.dtype) if out is None else out[:nbytes]
+    t = t.view(info.dtype).view(shape)
+    if nbytes == 0:
+        return t
+    fh.seek(begin)
+    got = read_exactly(fh, tensor_bytes(t))
+    if got < nbytes:
+        raise KfacError(info.file, None, f"{nbytes} bytes", f"{got} (the file shrank)")
+    return t
+
+
+def read_rows_into(fh: BinaryIO, info: TensorInfo, rows: tuple[int, int, int], dst: Tensor) -> None:
+    """Read rows ``start:stop`` of ``info`` seen as ``[-1, row_len]`` straight into ``dst``.
+
+    ``dst`` is ``[stop - start, row_len]`` and may have a row stride (a column block of a
+    wider tensor): each row is read into place with one scatter read (``preadv``), so no
+    extra copy is made. A ``dst`` of another dtype gets a converted copy.
+    """
+    row_len, start, stop = rows
+    if dst.dtype != info.dtype or dst.device.type != "cpu" or (dst.numel() and dst.stride(1) != 1):
+        dst.copy_(read_into(fh, info, None, rows))
+        return
+    if not dst.numel():
+        return
+    row_bytes = row_len * info.dtype.itemsize
+    step = dst.stride(0) * info.dtype.itemsize
+    base = dst.data_ptr()
+    views = [
+        memoryview((ctypes.c_char * row_bytes).from_address(base + i * step)).cast("B")
+        for i in range(stop - start)
+    ]
+    offset = info.begin + start * row_bytes
+    if not hasattr(os, "preadv"):  # one read per row where scatter reads are missing
+        for v in views:
+            fh.seek(offset)
+            offset += fh.readinto(v)
+        return
+    while views:
+        batch = views[:512]  # within IOV_MAX
+        got = os.preadv(fh.fileno(), batch, offset)
+        if not got:
+            raise KfacError(info.file, None, f"rows {start}:{stop}", "a file that shrank")
+        offset += got
+        done = 0
+        while done < len(batch) and got >= len(batch[done]):
+            got -= len(batch[done])
+            done += 1
+        views = views[done:]
+        if got:
+            views[0] = views[0][got:]

@@ -1,0 +1,209 @@
+"""What every job shares: the prologue, output plans, chunking, the streamed write, and
+the summary.
+
+A job (:mod:`.patches`, :mod:`.canonicalize`, :mod:`.factors`) opens a :class:`Job` (the
+output checked before any work, the device and dtype resolved), checks and plans everything
+it can before computing (shapes, names, dtypes), then streams: rows of a tensor (a batch
+chunk, a block of weight rows) are read, computed and written a chunk at a time, so memory
+is bounded by a few chunks, never by a layer or the whole file.
+"""
+
+from __future__ import annotations
+
+import difflib
+import json
+import math
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+
+import torch
+
+from kfac_cli import __version__
+from kfac_cli.errors import KfacError
+from kfac_cli.files.output import atomic_output, check_target
+from kfac_cli.files.writer import SafetensorsWriter
+from kfac_cli.jobs.devices import resolve_device, resolve_dtype
+from kfac_cli.jobs.pipeline import BackgroundWriter, DeviceStage
+
+LAYOUT_VERSION = "1"
+CHUNK_BYTES = 8 * 2**20  # output bytes per batch chunk: large enough to amortise, small enough
+GPU_CHUNK_FACTOR = 8  # larger chunks on a GPU: fewer launches and transfers
+CPU = torch.device("cpu")
+
+
+@dataclass
+class Reporter:
+    """Callbacks through which a job reports progress and warnings (no terminal here)."""
+
+    start: Callable[[int], None] = lambda total_bytes: None
+    advance: Callable[[str, int], None] = lambda key, nbytes: None
+    warn: Callable[[str], None] = lambda message: None
+
+
+@dataclass
+class Plan:
+    """One output tensor: its key, dtype, shape and metadata."""
+
+    key: str
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+    meta: dict = field(default_factory=dict)
+
+    @property
+    def nbytes(self) -> int:
+        return math.prod(self.shape) * self.dtype.itemsize
+
+
+class Job:
+    """One command's run: checks the output first, resolves device and dtype, writes the
+    output in one atomic stream, and summarises.
+
+    Args:
+        command: The command's name (for the summary).
+        out: The output path, or ``-`` for stdout.
+        force: Replace an existing output.
+        device: ``cpu``, ``cuda``, ``cuda:N``, ``mps`` or ``auto``.
+        dtype: A compute dtype name, or ``None`` to keep each input's.
+        reporter: Progress and warnings.
+    """
+
+    def __init__(
+        self,
+        command: str,
+        out: str,
+        *,
+        force: bool = False,
+        device: str = "cpu",
+        dtype: str | None = None,
+        reporter: Reporter | None = None,
+    ) -> None:
+        self.started = time.perf_counter()
+        self.command, self.out, self.force = command, str(out), force
+        self.reporter = reporter or Reporter()
+        check_target(self.out, force)
+        self.device, self.cast = resolve_device(device), resolve_dtype(dtype)
+
+    @property
+    def chunk_bytes(self) -> int:
+        """Bytes per chunk on this job's device."""
+        return CHUNK_BYTES * (1 if self.device.type == "cpu" else GPU_CHUNK_FACTOR)
+
+    def stage(self) -> DeviceStage:
+        return DeviceStage(self.device)
+
+    @staticmethod
+    def header(fmt: str, **fields: object) -> dict[str, str]:
+        """The metadata every output carries (format, versions) and ``fields`` (strings as
+        they are, everything else as compact JSON)."""
+        out = {"format": fmt, "layout_version": LAYOUT_VERSION, "kfac_cli_version": __version__}
+        for k, v in fields.items():
+            out[k] = v if isinstance(v, str) else meta_json(v)
+        return out
+
+    def write(
+        self,
+        plans: list[Plan],
+        metadata: dict[str, str],
+        produce: Callable[[Plan, Callable], None],
+        before_commit: Callable[[], None] = lambda: None,
+    ) -> int:
+        """Stream every plan's tensor into the output, atomically; the bytes written.
+
+        ``produce(plan, put)`` computes a plan's tensor, whole or in chunks of its first
+        axis, and hands each to ``put(key, tensor, event=None, done=None)``; a background
+        thread writes them in order (and calls ``done`` after each), overlapping I/O with
+        compute. ``before_commit`` runs after the last byte, before the output appears
+        (e.g. to check that an input stream ended where its header said).
+        """
+        self.reporter.start(sum(p.nbytes for p in plans))
+        with atomic_output(self.out, force=self.force) as fh:
+            writer = SafetensorsWriter(fh, [(p.key, p.dtype, p.shape) for p in plans], metadata)
+            background = BackgroundWriter(writer)
+            try:
+                for plan in plans:
+                    produce(plan, background.put)
+                    self.reporter.advance(plan.key, plan.nbytes)
+                background.close()
+            except BaseException:
+                background.abort()
+                raise
+            before_commit()
+            return writer.bytes_written
+
+    def summary(
+        self, plans: list[Plan], written: int, items: str = "tensors", **fields: object
+    ) -> dict:
+        """The ``--json`` summary: what was written, with shapes, bytes and seconds."""
+        return {
+            "command": self.command,
+            "output": self.out,
+            **fields,
+            items: [
+                {
+                    "name": p.key,
+                    **({"input_shape": p.meta["input_shape"]} if "input_shape" in p.meta else {}),
+                    "shape": list(p.shape),
+                    "dtype": str(p.dtype).removeprefix("torch."),
+                    "bytes": p.nbytes,
+                }
+                for p in plans
+            ],
+            "bytes": written,
+            "seconds": round(time.perf_counter() - self.started, 4),
+        }
+
+
+def order(plans: list[Plan]) -> list[Plan]:
+    """Largest item size first (stable), so every tensor's offset stays aligned."""
+    return sorted(plans, key=lambda p: -p.dtype.itemsize)
+
+
+def near(name: str, known: Iterable[str]) -> str:
+    """`` (nearest: a, b)`` for the known names closest to ``name``, or nothing."""
+    close = difflib.get_close_matches(name, list(known), n=3)
+    return f" (nearest: {', '.join(close)})" if close else ""
+
+
+def meta_json(value: object) -> str:
+    """Compact, key-sorted JSON for a metadata string (deterministic bytes)."""
+    return json.dumps(value, sort_keys=True, separators=(",", ":"))
+
+
+def _nonfinite(x: torch.Tensor) -> int:
+    """How many NaN/Inf ``x`` holds; one read pass when there are none."""
+    if not x.is_floating_point() or torch.isfinite(x.sum()):
+        return 0  # any NaN/Inf makes the sum non-finite (an overflow is counted exactly)
+    return x.numel() - int(torch.isfinite(x).sum())
+
+
+class Finite:
+    """Counts NaN/Inf chunk by chunk; fails at once with ``strict``, else warns per tensor."""
+
+    def __init__(self, file: object, strict: bool, reporter: Reporter) -> None:
+        self.file, self.strict, self.reporter = file, strict, reporter
+        self.bad: dict[str, int] = {}
+
+    def check(self, key: str, x: torch.Tensor) -> None:
+        bad = _nonfinite(x)
+        if bad and self.strict:
+            raise KfacError(self.file, key, "finite values", f"{bad} NaN/Inf values")
+        if bad:
+            self.bad[key] = self.bad.get(key, 0) + bad
+
+    def report(self, key: str, total: int) -> None:
+        if key in self.bad:
+            err = KfacError(
+                self.file, key, "finite values", f"{self.bad.pop(key)} NaN/Inf of {total}"
+            )
+            self.reporter.warn(err.line())
+
+
+def chunks(rows: int, nbytes: int, chunk_bytes: int = CHUNK_BYTES) -> list[tuple[int, int]]:
+    """Row ranges of about ``chunk_bytes`` each (at least one, even for no rows)."""
+    step = max(1, chunk_bytes // max(nbytes // max(rows, 1), 1))
+    return [(i, min(i + step, rows)) for i in range(0, rows, step)] or [(0, 0)]
+
+
+def release_all(fns: list) -> Callable[[], None]:
+    return lambda: [f() for f in fns]
