@@ -30,7 +30,10 @@ def run_cli(*args: object, check: bool = False, env: dict | None = None, **kw):
     """Run the real CLI as a subprocess; return the CompletedProcess (bytes stdout)."""
     full_env = {**os.environ, "PYTHONWARNINGS": "ignore", **(env or {})}
     proc = subprocess.run(
-        [*kfac_cli_exe(), *map(str, args)], capture_output=True, env=full_env, timeout=300, **kw
+        [*kfac_cli_exe(), *map(str, args)],
+        capture_output=True,
+        env=full_env,
+        **{"timeout": 300, **kw},
     )
     if check and proc.returncode != 0:
         raise AssertionError(

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from safetensors.torch import save_file
 from torch import nn
 
@@ -97,3 +98,87 @@ def write_model_files(model: nn.Module, x: torch.Tensor, folder: Path) -> dict[s
     save_file(record_activations(model, x), files["acts"])
     save_file({n: p.detach().clone() for n, p in model.named_parameters()}, files["params"])
     return files
+
+
+class TinyGPT(nn.Module):
+    """A language model as people have them: a tied output head, a frozen positional
+    table, LayerNorm, and a Linear MLP on [B, S, d] inputs."""
+
+    def __init__(self, vocab: int = 17, d: int = 8, seq: int = 5) -> None:
+        super().__init__()
+        self.wte = nn.Embedding(vocab, d)
+        self.wpe = nn.Parameter(torch.randn(seq, d), requires_grad=False)
+        self.ln = nn.LayerNorm(d)
+        self.fc = nn.Linear(d, 2 * d)
+        self.proj = nn.Linear(2 * d, d)
+        self.lm_head = nn.Linear(d, vocab, bias=False)
+        self.lm_head.weight = self.wte.weight  # tied
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        h = self.wte(ids) + self.wpe[: ids.shape[1]]
+        h = h + self.proj(torch.relu(self.fc(self.ln(h))))
+        return self.lm_head(h)
+
+
+class StdConv2d(nn.Conv2d):
+    """BiT's weight-standardised convolution: the weight is computed in forward."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        w = self.weight
+        w = (w - w.mean((1, 2, 3), keepdim=True)) / (w.std((1, 2, 3), keepdim=True) + 1e-5)
+        return F.conv2d(x, w, self.bias, self.stride, self.padding, self.dilation, self.groups)
+
+
+class ComputedWeights(nn.Module):
+    """A weight-standardised stem, a weight-normalised positional conv (Wav2Vec2) and a
+    transposed conv: layers KFAC cannot treat, between layers it can."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = StdConv2d(3, 4, 3, padding=1)
+        self.gn = nn.GroupNorm(2, 4)
+        self.conv = nn.Conv2d(4, 4, 3, padding=1)
+        self.up = nn.ConvTranspose2d(4, 2, 2, stride=2)
+        self.pos = nn.utils.parametrizations.weight_norm(nn.Conv1d(2, 2, 3, padding=1), dim=2)
+        self.head = nn.Linear(2, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.up(self.conv(self.gn(self.stem(x))))
+        s = h.flatten(2)
+        s = s + self.pos(s)
+        return self.head(s.mean(2))
+
+
+class BNNet(nn.Module):
+    """A ResNet-style block with BatchNorm (running statistics, num_batches_tracked)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 6, 3, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(6)
+        self.conv2 = nn.Conv2d(6, 6, 3, stride=2, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(6)
+        self.fc = nn.Linear(6, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.relu(self.bn1(self.conv1(x)))
+        h = torch.relu(self.bn2(self.conv2(h)))
+        return self.fc(h.mean((2, 3)))
+
+
+def hook_dump(model: nn.Module, *inputs: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Each nn.Linear and convolution module's input keyed by module name, as a user's
+    forward hooks record it (every such module, including those KFAC cannot treat)."""
+    acts: dict[str, torch.Tensor] = {}
+    hooks = [
+        m.register_forward_hook(
+            lambda mod, inp, out, name=name: acts.__setitem__(name, inp[0].detach().clone())
+        )
+        for name, m in model.named_modules()
+        if isinstance(m, (nn.Linear, nn.modules.conv._ConvNd))
+    ]
+    with torch.no_grad():
+        model(*inputs)
+    for h in hooks:
+        h.remove()
+    return acts
