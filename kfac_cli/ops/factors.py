@@ -1,0 +1,338 @@
+"""Kronecker factors: sums of outer products of layer inputs and output gradients.
+
+KFAC approximates a layer's curvature block by ``G ⊗ A`` (``docs/formats.md``, "Factors
+file"). Per chunk of data these functions return *raw sums*; a job adds them up over all
+chunks and files and scales once at the end:
+
+- input factor: ``A = Σ_{b,o} a aᵀ / (N·O)`` (expand: the patches rows, ``O`` output
+  locations per sample) or ``Σ_b ā āᵀ / N`` (reduce: averaged patches). With a joint bias
+  the rows get a ones column, so the sum is ``[[Σ a aᵀ, Σ a], [Σ aᵀ, rows]]``, computed
+  without forming that column: ``Σ a`` is the reduce kernel's window sum.
+- gradient factor: ``G = c · Σ g gᵀ`` over backpropagated vectors, samples and (expand)
+  output locations, or over samples of the location sums (reduce); ``c`` is
+  :func:`loss_correction`.
+
+The expand input sum never materialises the patches of a stride-1 convolution: its
+entries are sums of the same channel products at a few lags (``(2K-1)^N`` lags against
+``K^{2N}`` tap pairs), so :func:`lag_covariance` computes one channel Gram matrix per lag
+(half of them, by symmetry) on a zero-gapped channels-last copy of the input, and takes off
+each tap pair's window edges with small sums over the boundary rows. Other convolutions
+form their patches in cache-sized chunks and fold them at once, computing only the upper
+block triangle of the symmetric product (:func:`gram`).
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Sequence
+from math import prod
+
+import torch
+from einops import rearrange
+from torch import Tensor
+
+from kfac_cli.enums import KFACType, LossReduction
+from kfac_cli.ops.conv import ConvParams
+from kfac_cli.ops.patches import (
+    _pad,
+    conv_averaged_patches,
+    conv_patches,
+    group_mean,
+)
+
+# Tuned on a 2-core x86 VM (see tests/benchmarks): the symmetric product in GRAM_BLOCKS
+# column blocks from GRAM_MIN columns on (6 blocks: 0.6-0.66x the time of the full
+# product), patches formed PATCH_ROWS rows at a time (fewer make the product memory bound),
+# and the cost of one small product in multiply-adds.
+GRAM_MIN, GRAM_BLOCKS = 384, 6
+PATCH_ROWS = 2048
+CROSS_ROWS = 4096
+OP_OVERHEAD_FLOPS = 2e5
+
+
+def gram(p: Tensor, out: Tensor | None = None) -> Tensor:
+    """``pᵀ p`` of ``p: [R, D]``, added to ``out`` (``[D, D]``) if given.
+
+    Only the upper block triangle is computed (about half the work for a wide ``p``); the
+    lower triangle of the result is left as it was: call :func:`mirror` once at the end.
+    """
+    d = p.shape[1]
+    if out is None:
+        out = p.new_zeros(d, d)
+    if d < GRAM_MIN:
+        return out.addmm_(p.T, p)
+    block = -(-d // GRAM_BLOCKS // 16) * 16
+    for i in range(0, d, block):
+        out[i : i + block, i:].addmm_(p[:, i : i + block].T, p[:, i:])
+    return out
+
+
+def cross(a: Tensor, b: Tensor) -> Tensor:
+    """``aᵀ b`` of ``[R, C]`` matrices, in row blocks whose products are summed in float64
+    (so a long sum loses no more than a block's rounding), returned in ``a``'s dtype."""
+    if a.shape[0] <= CROSS_ROWS or a.dtype == torch.float64:
+        return a.T @ b
+    total = torch.zeros(a.shape[1], b.shape[1], dtype=torch.float64, device=a.device)
+    for i in range(0, a.shape[0], CROSS_ROWS):
+        total += a[i : i + CROSS_ROWS].T @ b[i : i + CROSS_ROWS]
+    return total.to(a.dtype)
+
+
+def mirror(s: Tensor) -> Tensor:
+    """The symmetric matrix whose upper triangle is ``s``'s (exactly symmetric)."""
+    upper = torch.triu(s)
+    return upper + torch.triu(s, 1).T
+
+
+def locations(input_shape: Sequence[int], params: ConvParams | None) -> int:
+    """Output locations per sample ``O``: ``∏ O_n`` (conv) or ``∏`` middle dims (linear)."""
+    if params is None:
+        return prod(input_shape[1:-1])
+    return prod(params.output_size(input_shape[2:]))
+
+
+def input_covariance(
+    x: Tensor,
+    params: ConvParams | None,
+    approx: KFACType | str,
+    bias_column: bool = False,
+    *,
+    method: str | None = None,
+) -> Tensor:
+    """Raw input sum ``Σ a aᵀ`` of one chunk, ``[D (+1), D (+1)]``.
+
+    Args:
+        x: A layer input: ``[B, C_in, *I]`` (conv) or ``[B, ..., d_in]`` (linear).
+        params: The conv's hyper-parameters (``None``: a linear layer).
+        approx: ``expand`` (rows: every sample and output location) or ``reduce`` (rows:
+            the averaged patches, one per sample).
+        bias_column: Whether rows carry a ones column (joint weight and bias).
+        method: ``lags`` or ``patches`` (expand of a conv only; default: by geometry).
+
+    Returns:
+        The symmetric sum over the chunk's rows (not divided by ``O`` or ``N``).
+    """
+    reduce = KFACType(approx) is KFACType.REDUCE
+    if params is None:
+        rows = x.reshape(x.shape[0], -1, x.shape[-1])
+        rows = rows.mean(1) if reduce else rows.reshape(-1, rows.shape[-1])
+        return _with_bias(mirror(gram(rows)), rows.sum(0), rows.shape[0], bias_column)
+    if reduce:
+        averaged = conv_averaged_patches(x, params)
+        return _with_bias(mirror(gram(averaged)), averaged.sum(0), x.shape[0], bias_column)
+    o = locations(x.shape, params)
+    s = conv_covariance(x, params, method=method)
+    if not bias_column:
+        return s
+    sums = conv_averaged_patches(x, params).sum(0) * o
+    return _with_bias(s, sums, x.shape[0] * o, True)
+
+
+def _with_bias(s: Tensor, sums: Tensor, rows: int, bias_column: bool) -> Tensor:
+    """``[[s, sums], [sumsᵀ, rows]]`` (the ones column's sums), or ``s`` alone."""
+    if not bias_column:
+        return s
+    d = s.shape[0]
+    out = s.new_empty(d + 1, d + 1)
+    out[:d, :d] = s
+    out[:d, d] = sums
+    out[d, :d] = sums
+    out[d, d] = rows
+    return out
+
+
+def expand_method(shape: Sequence[int], params: ConvParams) -> str:
+    """``lags`` or ``patches``, whichever the operation count says is cheaper."""
+    if any(s != 1 for s in params.stride) or prod(params.kernel_size) == 1:
+        return "patches"
+    batch, channels, *size = shape
+    channels //= params.groups
+    if params.padding_mode != "zeros":
+        size = [i + left + right for i, (left, right) in zip(size, params.pads())]
+    rows = batch * prod(params.output_size(shape[2:]))
+    d = channels * prod(params.kernel_size)
+    patch_cost = rows * d * d * 0.6 + rows * d * 4
+    gapped = [i + (k - 1) * dd for i, k, dd in zip(size, params.kernel_size, params.dilation)]
+    lags = (prod(2 * k - 1 for k in params.kernel_size) + 1) // 2
+    edge = sum((k - 1) * dd / i for i, k, dd in zip(gapped, params.kernel_size, params.dilation))
+    pairs = prod(params.kernel_size) ** 2 // 2
+    lag_flops = lags * batch * prod(gapped) * channels**2 * (1 + 2 * edge)
+    lag_cost = lag_flops + pairs * (2 ** len(size)) * (channels**2 + OP_OVERHEAD_FLOPS)
+    return "lags" if lag_cost < patch_cost else "patches"
+
+
+def conv_covariance(x: Tensor, params: ConvParams, *, method: str | None = None) -> Tensor:
+    """``Σ_{b,o} p pᵀ`` over the expand patches of ``x: [B, C_in, *I]``, ``[D, D]``."""
+    method = method or expand_method(x.shape, params)
+    if method == "lags":
+        if any(s != 1 for s in params.stride):
+            raise ValueError("the lags method needs stride 1")
+        return lag_covariance(x, params)
+    if method != "patches":
+        raise ValueError(f"method must be lags or patches, not {method!r}")
+    x = group_mean(x, params.groups)
+    plain = ConvParams(
+        params.kernel_size, params.stride, params.padding, params.dilation, 1, params.padding_mode
+    )
+    batch, d = x.shape[0], plain.patch_size(x.shape[1])
+    rows = locations(x.shape, plain)
+    step = max(1, -(-PATCH_ROWS // max(rows, 1)))
+    out = x.new_zeros(d, d)
+    buf = x.new_empty(min(step, batch) * rows * d)
+    for start in range(0, batch, step):
+        xb = x[start : start + step]
+        p = conv_patches(xb, plain, out=buf[: xb.shape[0] * rows * d].view(-1, rows, d))
+        gram(p.reshape(-1, d), out)
+    return mirror(out)
+
+
+def lag_covariance(x: Tensor, params: ConvParams) -> Tensor:
+    """``Σ_{b,o} p pᵀ`` of a stride-1 convolution from channel products at shared lags.
+
+    Tap pair ``(k, k')`` of ``p pᵀ`` sums ``x[i] x[i+δ]ᵀ`` with ``δ = (k'-k)·D`` over the
+    inputs ``i`` of tap ``k``'s window, a box; all pairs with the same ``δ`` share the sum
+    over every ``i`` (one Gram matrix of a flat, zero-gapped copy of ``x``), less the
+    box's edges (inclusion-exclusion over the spatial dims, from sums over single boundary
+    rows, cells...). Blocks ``(k', k)`` are the transposes of ``(k, k')``.
+
+    Args:
+        x: Input ``[B, C_in, *I]`` of a stride-1 convolution.
+        params: Its hyper-parameters.
+
+    Returns:
+        ``[(C_in/G)·∏K, (C_in/G)·∏K]``, rows and columns ``(c, k_1..k_N)`` as the patches.
+    """
+    x = group_mean(x, params.groups)
+    pads = params.pads()
+    if params.padding_mode != "zeros":
+        x = _pad(x, pads, params.padding_mode)
+        pads = tuple((0, 0) for _ in pads)
+    batch, channels, *size = x.shape
+    out_size = (
+        params.output_size(size)
+        if params.padding_mode == "zeros"
+        else tuple(i - (k - 1) * d for i, k, d in zip(size, params.kernel_size, params.dilation))
+    )
+    kernel, dilation = params.kernel_size, params.dilation
+    gaps = [(k - 1) * d for k, d in zip(kernel, dilation)]
+    z = x.new_zeros(batch, *(i + g for i, g in zip(size, gaps)), channels)
+    z[(slice(None), *(slice(0, i) for i in size))] = rearrange(x, "b c ... -> b ... c")
+    taps = list(itertools.product(*(range(k) for k in kernel)))
+    result = x.new_zeros(channels, len(taps), channels, len(taps))
+    by_lag: dict[tuple[int, ...], list[tuple[int, int]]] = {}
+    for a, ka in enumerate(taps):
+        for b in range(a, len(taps)):
+            delta = tuple((kb - k) * d for k, kb, d in zip(ka, taps[b], dilation))
+            by_lag.setdefault(delta, []).append((a, b))
+    for delta, pairs in by_lag.items():
+        edges = _Edges(z, size, delta)
+        for a, b in pairs:
+            window = [
+                (k * d - left, k * d - left + o)
+                for k, d, (left, _), o in zip(taps[a], dilation, pads, out_size)
+            ]
+            block = edges.box(window)
+            result[:, a, :, b] = block
+            if a != b:
+                result[:, b, :, a] = block.T
+    return result.reshape(channels * len(taps), channels * len(taps))
+
+
+class _Edges:
+    """For one lag ``δ``: ``Σ x[i] x[i+δ]ᵀ`` over any box of ``i``, by inclusion-exclusion
+    from the sum over all ``i`` and cached sums over single boundary rows (cells...)."""
+
+    def __init__(self, z: Tensor, size: Sequence[int], delta: Sequence[int]) -> None:
+        self.z, self.size, self.delta = z, list(size), list(delta)
+        self.valid = [(max(0, -d), min(i, i - d)) for i, d in zip(size, delta)]
+        self.cache: dict[tuple, Tensor] = {}
+
+    def _sum(self, fixed: tuple[tuple[int, int], ...]) -> Tensor:
+        """``Σ x[i] x[i+δ]ᵀ`` over every ``i`` with ``i_n = e`` for each ``(n, e)`` fixed."""
+        if fixed in self.cache:
+            return self.cache[fixed]
+        dims = dict(fixed)
+        left = self.z[(slice(None), *(dims.get(n, slice(None)) for n in range(len(self.size))))]
+        right = self.z[
+            (
+                slice(None),
+                *(
+                    dims[n] + self.delta[n] if n in dims else slice(None)
+                    for n in range(len(self.size))
+                ),
+            )
+        ]
+        rest = [n for n in range(len(self.size)) if n not in dims]
+        strides, step = [], 1
+        for n in reversed(rest):
+            strides.append(step)
+            step *= self.z.shape[1 + n]
+        offset = sum(self.delta[n] * s for n, s in zip(reversed(rest), strides))
+        channels = self.z.shape[-1]
+        left, right = left.reshape(-1, channels), right.reshape(-1, channels)
+        rows = left.shape[0]
+        if offset >= 0:
+            total = cross(left[: rows - offset], right[offset:])
+        else:
+            total = cross(left[-offset:], right[: rows + offset])
+        self.cache[fixed] = total
+        return total
+
+    def box(self, window: Sequence[tuple[int, int]]) -> Tensor:
+        """The sum over ``i`` in the box ``window`` (one ``(begin, end)`` per dim)."""
+        excluded = []
+        for (lo, hi), (w_lo, w_hi) in zip(self.valid, window):
+            b_lo, b_hi = max(lo, w_lo), min(hi, w_hi)
+            if b_lo >= b_hi:
+                return self.z.new_zeros(self.z.shape[-1], self.z.shape[-1])
+            excluded.append([*range(lo, b_lo), *range(b_hi, hi)])
+        total = self._sum(())
+        for subset_size in range(1, len(self.size) + 1):
+            sign = -1 if subset_size % 2 else 1
+            for subset in itertools.combinations(range(len(self.size)), subset_size):
+                for cells in itertools.product(*(excluded[n] for n in subset)):
+                    total = total + sign * self._sum(tuple(zip(subset, cells)))
+        return total
+
+
+def gradient_covariance(g: Tensor, conv: bool, approx: KFACType | str) -> Tensor:
+    """Raw gradient sum ``Σ g gᵀ`` of one chunk of output gradients, ``[C_out, C_out]``.
+
+    Args:
+        g: ``[V, B, C_out, *O]`` (conv) or ``[V, B, ..., d_out]`` (linear): the gradients
+            of ``V`` backpropagated vectors w.r.t. the layer's output.
+        conv: Whether the layer is a convolution (channels second).
+        approx: ``expand`` (a row per vector, sample and location) or ``reduce`` (a row
+            per vector and sample: the sum over locations).
+    """
+    reduce = KFACType(approx) is KFACType.REDUCE
+    if conv:
+        rows = rearrange(g, "v b c ... -> (v b) c (...)")
+        if reduce:
+            rows = rows.sum(2)
+        else:
+            rows = rearrange(rows, "n c o -> (n o) c")
+    else:
+        rows = rearrange(g, "v b ... c -> (v b) (...) c")
+        rows = rows.sum(1) if reduce else rearrange(rows, "n o c -> (n o) c")
+    return mirror(gram(rows))
+
+
+def loss_correction(
+    reduction: LossReduction | str, batch: int, terms: int, samples: int, mc_samples: int = 1
+) -> float:
+    """curvlinops' scale of a loss batch's gradient sum.
+
+    Args:
+        reduction: ``sum`` or ``mean`` (how the loss combined its per-example terms).
+        batch: ``B``, the loss batch's samples.
+        terms: ``T``, loss terms per sample (e.g. sequence positions).
+        samples: ``N``, samples over all the data.
+        mc_samples: Monte-Carlo samples per datum (1 unless the Fisher type is ``mc``).
+
+    Returns:
+        ``1/mc`` for ``sum``, ``(B·T)² / (N·mc·T)`` for ``mean``.
+    """
+    if LossReduction(reduction) is LossReduction.SUM:
+        return 1.0 / mc_samples
+    return (batch * terms) ** 2 / (samples * mc_samples * terms)
