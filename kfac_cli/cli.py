@@ -22,7 +22,7 @@ import typer
 from rich.console import Console
 
 from kfac_cli import __version__
-from kfac_cli.enums import ComputeDtype, KFACType, Layout
+from kfac_cli.enums import ComputeDtype, FisherType, KFACType, Layout, LossReduction
 from kfac_cli.errors import KfacError, OutputClosed, escape
 
 FORMATS_DOC = "docs/formats.md"
@@ -150,6 +150,8 @@ def _run(debug: bool, job: Callable[[], Any]) -> Any:
     except KfacError as e:
         if debug:
             traceback.print_exc()
+        if getattr(e, "quiet", False):  # another rank failed and said why
+            raise typer.Exit(1) from None
         err.print(error_line(e), markup=False)
         if e.hint:
             err.print(f"Hint: {escape(e.hint)}", markup=False)
@@ -562,6 +564,204 @@ def canonicalize(
     _run_job(debug, quiet, as_json, make)
 
 
+@app.command(epilog=EPILOG)
+def factors(
+    inputs: Annotated[
+        list[str],
+        typer.Argument(
+            help="MODEL ACTS... (activation dumps; '-' reads one from stdin), or with --merge: "
+            "FACTORS... (factor files to combine).",
+            show_default=False,
+            metavar="MODEL ACTS...",
+        ),
+    ],
+    output: Out,
+    grads: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--grads",
+            help="Output-gradient dumps, one per activation dump and in the same order "
+            "(one or more files after one --grads, or --grads before each).",
+            show_default=False,
+        ),
+    ] = None,
+    approx: Annotated[
+        KFACType,
+        typer.Option(help="expand: A over every output location; reduce: over averaged patches."),
+    ] = KFACType.EXPAND,
+    fisher_type: Annotated[
+        FisherType | None,
+        typer.Option(
+            "--fisher-type",
+            help="What the gradients are (default: from the gradient files; forward-only "
+            "without --grads).",
+            show_default=False,
+        ),
+    ] = None,
+    loss_reduction: Annotated[
+        LossReduction | None,
+        typer.Option(
+            "--loss-reduction",
+            help="How the loss combined its terms (default: from the gradient files).",
+            show_default=False,
+        ),
+    ] = None,
+    loss_terms: Annotated[
+        int | None,
+        typer.Option(
+            "--loss-terms",
+            min=1,
+            help="Loss terms per sample T, e.g. sequence positions (default: from the "
+            "gradient files, else 1).",
+            show_default=False,
+        ),
+    ] = None,
+    mc_samples: Annotated[
+        int | None,
+        typer.Option(
+            "--mc-samples",
+            min=1,
+            help="Monte-Carlo samples per datum (default: from the gradient files, else 1).",
+            show_default=False,
+        ),
+    ] = None,
+    separate_bias: Annotated[
+        bool,
+        typer.Option(
+            "--separate-bias", help="No ones column in A (weight and bias as separate blocks)."
+        ),
+    ] = False,
+    eigh: Annotated[
+        bool,
+        typer.Option(
+            "--eigh", help="Also write each factor's eigenvalues and eigenvectors (float64 maths)."
+        ),
+    ] = False,
+    merge: Annotated[
+        bool,
+        typer.Option("--merge", help="Combine factor files made from disjoint data."),
+    ] = False,
+    dtype: Annotated[
+        ComputeDtype, typer.Option("--dtype", help="Accumulation and output dtype.")
+    ] = ComputeDtype.FLOAT32,
+    device: Device = "cpu",
+    layer: LayerGlobs = None,
+    ignore_unknown: Annotated[
+        bool,
+        typer.Option(
+            "--ignore-unknown",
+            help="Skip dump keys that name no layer KFAC treats (with a warning saying why).",
+        ),
+    ] = False,
+    strict: Strict = False,
+    force: Force = False,
+    spec: Spec = None,
+    unsafe_trust_pickle: UnsafePickle = False,
+    timeout: Annotated[
+        float,
+        typer.Option(
+            help="Under torchrun: seconds to wait for a rank that stopped responding.", min=1
+        ),
+    ] = 300.0,
+    quiet: Quiet = False,
+    as_json: JsonOut = False,
+    debug: Debug = False,
+) -> None:
+    """Compute each layer's Kronecker factors A and G from activation and gradient dumps.
+
+    Per layer, over all ACTS together (N samples): A = Σ a aᵀ / (N·O) over the patches
+    rows (expand) or Σ ā āᵀ / N over the averaged patches (reduce), with a ones column for
+    a joint bias; G = c · Σ g gᵀ over the output gradients of --grads, with curvlinops'
+    scale c for the loss reduction (conventions from the gradient files' metadata).
+    G ⊗ A is the layer's curvature block, acting as G @ M @ A on the `canonicalize
+    --layout matrix` block M. OUT holds LAYER.A and LAYER.G (and with --eigh
+    .eigenvalues and .eigenvectors of each); its metadata records N, the conventions and
+    each layer's blocks. Layer by layer, in chunks: memory is a few chunks and one layer's
+    factors. --merge combines factor files of disjoint data into the file one run over all
+    of it gives. Under torchrun each rank reads its share and rank 0 writes.
+
+    \b
+    Examples:
+        $ kfac-cli factors model.pt2 acts-*.safetensors --grads grads-*.safetensors \\
+              -o factors.safetensors
+        $ kfac-cli factors model.pt2 acts.safetensors -o A.safetensors --approx reduce
+        $ kfac-cli factors --merge part-*.safetensors -o factors.safetensors --eigh
+        $ zstd -dc acts.safetensors.zst | kfac-cli factors model.pt2 - -o A.safetensors
+        $ torchrun --nproc-per-node 4 -m kfac_cli factors model.pt2 acts-*.safetensors \\
+              --grads grads-*.safetensors -o factors.safetensors
+    """
+    from kfac_cli.jobs.distributed import rank_of_env
+
+    _check_stdout(output, as_json)
+    if rank_of_env() != 0:
+        quiet, as_json = True, False
+    if merge:
+        if len(inputs) < 1:
+            raise typer.BadParameter("--merge takes one or more factor files", param_hint="inputs")
+        if grads or layer or fisher_type or loss_reduction or loss_terms or mc_samples:
+            raise typer.BadParameter(
+                "--merge takes factor files only; their conventions come from their metadata",
+                param_hint="--merge",
+            )
+    else:
+        if len(inputs) < 2:
+            raise typer.BadParameter("expected MODEL ACTS...", param_hint="inputs")
+        _check_model(inputs[0])
+
+    def make(reporter):
+        from kfac_cli.jobs.factors import run_factors, run_merge
+
+        if merge:
+            return run_merge(inputs, output, eigh=eigh, force=force, reporter=reporter)
+        return run_factors(
+            inputs[0],
+            inputs[1:],
+            output,
+            grads=grads,
+            approx=approx.value,
+            fisher_type=fisher_type.value if fisher_type else None,
+            loss_reduction=loss_reduction.value if loss_reduction else None,
+            num_per_example_loss_terms=loss_terms,
+            mc_samples=mc_samples,
+            separate_bias=separate_bias,
+            eigh=eigh,
+            dtype=dtype.value,
+            device=device,
+            patterns=layer,
+            ignore_unknown=ignore_unknown,
+            strict=strict,
+            force=force,
+            spec=spec,
+            unsafe_pickle=unsafe_trust_pickle,
+            timeout=timeout,
+            reporter=reporter,
+        )
+
+    _run_job(debug, quiet, as_json, make)
+
+
+MULTI_VALUE_OPTIONS = ("--grads",)
+
+
+def spread_options(argv: list[str]) -> list[str]:
+    """``--grads a b c`` as ``--grads a --grads b --grads c`` (what shell globs give)."""
+    out, i = [], 0
+    while i < len(argv):
+        token = argv[i]
+        out.append(token)
+        i += 1
+        if token not in MULTI_VALUE_OPTIONS:
+            continue
+        values = 0
+        while i < len(argv) and (argv[i] == "-" or not argv[i].startswith("-")):
+            if values:
+                out.append(token)
+            out.append(argv[i])
+            values += 1
+            i += 1
+    return out
+
+
 def _terminate(signum: int, frame: object) -> None:
     raise KeyboardInterrupt
 
@@ -569,4 +769,4 @@ def _terminate(signum: int, frame: object) -> None:
 def main() -> None:
     """Console-script entry point."""
     signal.signal(signal.SIGTERM, _terminate)
-    app()
+    app(args=spread_options(sys.argv[1:]), prog_name="kfac-cli")

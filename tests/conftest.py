@@ -48,7 +48,7 @@ def invoke(*args: object):
 
     from typer.testing import CliRunner
 
-    from kfac_cli.cli import app
+    from kfac_cli.cli import app, spread_options
 
-    r = CliRunner().invoke(app, [str(a) for a in args])
+    r = CliRunner().invoke(app, spread_options([str(a) for a in args]))
     return SimpleNamespace(returncode=r.exit_code, stdout=r.stdout_bytes, stderr=r.stderr_bytes)

@@ -183,6 +183,7 @@ class DeviceStage:
         self.host_pool = BufferPool(3, torch.device("cpu"), pin_memory=self.cuda)
         self._outputs: list[tuple[Tensor | None, object]] = [(None, None), (None, None)]
         self._turn = 0
+        self._copied = None
         if self.cuda:
             self._compute = torch.cuda.current_stream(device)
             self._copy_in = torch.cuda.Stream(device)
@@ -203,11 +204,17 @@ class DeviceStage:
             return host.to(self.device, dtype)
         with torch.cuda.stream(self._copy_in):
             x = host.to(self.device, non_blocking=True)
-            copied = torch.cuda.Event()
-            copied.record(self._copy_in)
-        self._compute.wait_event(copied)
+            self._copied = torch.cuda.Event()
+            self._copied.record(self._copy_in)
+        self._compute.wait_event(self._copied)
         x.record_stream(self._compute)
         return x.to(dtype)
+
+    def wait_copied(self) -> None:
+        """Wait until the last :meth:`to_device` copy has left its host buffer (CUDA: the
+        copy stream's event; compute may still run)."""
+        if self.cuda and self._copied is not None:
+            self._copied.synchronize()
 
     def output(self, nbytes: int) -> Tensor:
         """A device buffer for one result: two alternate, each reused only after the copy

@@ -66,6 +66,7 @@ class Job:
         device: ``cpu``, ``cuda``, ``cuda:N``, ``mps`` or ``auto``.
         dtype: A compute dtype name, or ``None`` to keep each input's.
         reporter: Progress and warnings.
+        writer: Whether this process writes the output (not the other torchrun ranks).
     """
 
     def __init__(
@@ -77,11 +78,13 @@ class Job:
         device: str = "cpu",
         dtype: str | None = None,
         reporter: Reporter | None = None,
+        writer: bool = True,
     ) -> None:
         self.started = time.perf_counter()
         self.command, self.out, self.force = command, str(out), force
         self.reporter = reporter or Reporter()
-        check_target(self.out, force)
+        if writer:
+            check_target(self.out, force)
         self.device, self.cast = resolve_device(device), resolve_dtype(dtype)
 
     @property

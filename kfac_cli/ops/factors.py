@@ -308,10 +308,7 @@ def gradient_covariance(g: Tensor, conv: bool, approx: KFACType | str) -> Tensor
     reduce = KFACType(approx) is KFACType.REDUCE
     if conv:
         rows = rearrange(g, "v b c ... -> (v b) c (...)")
-        if reduce:
-            rows = rows.sum(2)
-        else:
-            rows = rearrange(rows, "n c o -> (n o) c")
+        rows = rows.sum(2) if reduce else rearrange(rows, "n c o -> (n o) c")
     else:
         rows = rearrange(g, "v b ... c -> (v b) (...) c")
         rows = rows.sum(1) if reduce else rearrange(rows, "n o c -> (n o) c")

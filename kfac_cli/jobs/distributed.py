@@ -1,0 +1,237 @@
+"""Running one job on several ``torchrun`` ranks: who reads what, sums, and failing together.
+
+Without the ``torch.distributed`` environment variables a job is one :class:`Ranks` of
+one. Under ``torchrun`` (``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``, ``MASTER_ADDR``,
+``MASTER_PORT``) :func:`ranks_from_env` joins the process group (gloo for CPU tensors,
+nccl for CUDA, each rank on ``cuda:LOCAL_RANK``) and each rank:
+
+- reads its share of the inputs (:meth:`Ranks.share`): whole files round-robin when there
+  are at least as many files as ranks, else a range of every file's batch rows;
+- sums what it read, and combines the sums with one ``all_reduce`` per layer;
+- agrees before anything is written: a rank that fails sets a key in the rendezvous store,
+  the others see it between chunks and stop (quietly: the failing rank prints the one
+  error line); every rank beats a heartbeat into the store, so a rank that dies is noticed
+  within the timeout instead of being waited for forever;
+- rank 0 writes the output atomically, then tells the others whether that worked.
+
+Only ``torch.distributed`` (its process group and key-value store) carries messages.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import threading
+import time
+from datetime import timedelta
+
+import torch
+
+from kfac_cli.errors import KfacError
+
+ENV = ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+POLL_SECONDS = 0.05
+BEAT_SECONDS = 1.0
+
+
+class RankFailed(KfacError):
+    """Another rank failed (and printed why): this rank stops quietly."""
+
+    def __init__(self, line: str) -> None:
+        super().__init__(None, None, "every rank to succeed", line)
+        self.quiet = True
+
+
+class Ranks:
+    """One process: it reads everything, sums alone and writes the output."""
+
+    rank, world = 0, 1
+
+    @property
+    def writer(self) -> bool:
+        """Whether this rank writes the output (rank 0)."""
+        return self.rank == 0
+
+    def share(self, batches: list[int]) -> list[tuple[int, int, int]]:
+        """This rank's ``(file, first row, end row)`` units of files with ``batches`` rows:
+        whole files round-robin when there are at least as many files as ranks, else
+        ``world`` ranges of every file's rows."""
+        if len(batches) >= self.world:
+            return [(f, 0, b) for f, b in enumerate(batches) if f % self.world == self.rank]
+        units = []
+        for f, b in enumerate(batches):
+            lo, hi = b * self.rank // self.world, b * (self.rank + 1) // self.world
+            if hi > lo:
+                units.append((f, lo, hi))
+        return units
+
+    def sum_(self, tensor: torch.Tensor) -> torch.Tensor:
+        """Sum ``tensor`` over the ranks, in place."""
+        return tensor
+
+    def check(self) -> None:
+        """Raise :class:`RankFailed` if another rank has failed."""
+
+    def fail(self, error: BaseException) -> bool:
+        """Tell the other ranks this one failed; whether it should print the error."""
+        return True
+
+    def agree(self) -> None:
+        """Wait until every rank has finished its share (before the writer commits)."""
+
+    def publish(self) -> None:
+        """On the writer, after the output is in place: tell the others it worked."""
+
+    def await_writer(self) -> None:
+        """On the other ranks: wait for the writer's output (raise if it failed)."""
+
+    def close(self) -> None:
+        pass
+
+
+def is_distributed() -> bool:
+    """Whether the ``torchrun`` environment variables are present."""
+    return all(k in os.environ for k in ENV) and int(os.environ["WORLD_SIZE"]) > 1
+
+
+def rank_of_env() -> int:
+    """This process's rank (0 without torchrun), from the environment alone."""
+    return int(os.environ.get("RANK", 0)) if is_distributed() else 0
+
+
+def ranks_from_env(device: torch.device, timeout: float) -> Ranks:
+    """The ranks of this run: :class:`Ranks` alone, or the torchrun group it joins.
+
+    Args:
+        device: The compute device (``cuda`` means nccl on ``cuda:LOCAL_RANK``).
+        timeout: Seconds to wait for a rank that stopped responding.
+    """
+    if not is_distributed():
+        return Ranks()
+    return TorchrunRanks(device, timeout)
+
+
+class TorchrunRanks(Ranks):
+    """This process as one of ``torchrun``'s ranks (see the module docstring)."""
+
+    def __init__(self, device: torch.device, timeout: float) -> None:
+        import torch.distributed as dist
+
+        self.dist = dist
+        self.rank = int(os.environ["RANK"])
+        self.world = int(os.environ["WORLD_SIZE"])
+        self.local_rank = int(os.environ.get("LOCAL_RANK", 0))
+        self.timeout = timeout
+        agent_store = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
+        try:
+            base = dist.TCPStore(
+                os.environ["MASTER_ADDR"],
+                int(os.environ["MASTER_PORT"]),
+                self.world,
+                is_master=self.rank == 0 and not agent_store,
+                timeout=timedelta(seconds=timeout),
+                wait_for_workers=False,
+            )
+        except (RuntimeError, ValueError) as e:
+            raise KfacError(
+                None, "torchrun", "a reachable rendezvous store", str(e).splitlines()[0][:120]
+            ) from None
+        run = os.environ.get("TORCHELASTIC_RUN_ID", "run")
+        restart = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+        self.store = dist.PrefixStore(f"kfac-cli/{run}/{restart}/", base)
+        backend = "nccl" if device.type == "cuda" else "gloo"
+        dist.init_process_group(
+            backend,
+            store=dist.PrefixStore("pg/", self.store),
+            rank=self.rank,
+            world_size=self.world,
+            timeout=timedelta(seconds=timeout),
+        )
+        self._stop = threading.Event()
+        self._beats = threading.Thread(target=self._beat, name="kfac-cli-heartbeat", daemon=True)
+        self._beats.start()
+        self._last_check = 0.0
+        self._seen: dict[int, tuple[int, float]] = {}
+
+    def _beat(self) -> None:
+        n = 0
+        while not self._stop.wait(BEAT_SECONDS):
+            n += 1
+            try:
+                self.store.set(f"alive/{self.rank}", str(n))
+            except (RuntimeError, ValueError):
+                return
+
+    def check(self) -> None:
+        now = time.monotonic()
+        if now - self._last_check < POLL_SECONDS:
+            return
+        self._last_check = now
+        if self.store.check(["failed"]):
+            raise RankFailed(self.store.get("failed").decode(errors="replace"))
+
+    def _alive(self, rank: int) -> None:
+        """Raise if ``rank``'s heartbeat has not moved for the timeout."""
+        beat = int(self.store.get(f"alive/{rank}")) if self.store.check([f"alive/{rank}"]) else 0
+        now = time.monotonic()
+        last, since = self._seen.get(rank, (-1, now))
+        if beat != last:
+            self._seen[rank] = (beat, now)
+        elif now - since > self.timeout:
+            line = f"rank {rank} stopped responding for {self.timeout:.0f} s"
+            self._claim(line)
+            raise KfacError(
+                None, f"rank {rank}", "a rank that responds", f"none for {self.timeout:.0f} s"
+            )
+
+    def _claim(self, line: str) -> bool:
+        """Record the first failure; whether this call recorded it."""
+        got = self.store.compare_set("failed", "", line)
+        return got.decode(errors="replace") == line
+
+    def fail(self, error: BaseException) -> bool:
+        if isinstance(error, RankFailed):
+            return False
+        line = getattr(error, "line", None)
+        text = line() if callable(line) else f"{type(error).__name__}: {error}"
+        try:
+            return self._claim(f"rank {self.rank}: {text}")
+        except (RuntimeError, ValueError):
+            return True
+
+    def _wait_all(self, key: str) -> None:
+        """Wait until every rank has set ``key/<rank>``, watching failures and heartbeats."""
+        self.store.set(f"{key}/{self.rank}", "1")
+        pending = [r for r in range(self.world) if r != self.rank]
+        while pending:
+            self._last_check = 0.0
+            self.check()
+            pending = [r for r in pending if not self.store.check([f"{key}/{r}"])]
+            for r in pending:
+                self._alive(r)
+            if pending:
+                time.sleep(POLL_SECONDS)
+
+    def sum_(self, tensor: torch.Tensor) -> torch.Tensor:
+        self._count = getattr(self, "_count", 0) + 1
+        self._wait_all(f"sum{self._count}")
+        self.dist.all_reduce(tensor)
+        return tensor
+
+    def agree(self) -> None:
+        self._wait_all("done")
+
+    def publish(self) -> None:
+        self.store.set("written", "1")
+
+    def await_writer(self) -> None:
+        while not self.store.check(["written"]):
+            self._last_check = 0.0
+            self.check()
+            self._alive(0)
+            time.sleep(POLL_SECONDS)
+
+    def close(self) -> None:
+        self._stop.set()
+        with contextlib.suppress(RuntimeError, ValueError, AssertionError):
+            self.dist.destroy_process_group()

@@ -1,0 +1,736 @@
+"""`kfac-cli factors` as library functions: dumps in, Kronecker factors out; and merging.
+
+Layer after layer, every input file's chunks of that layer are read, folded into the
+layer's sums and dropped; then the layer's factors are scaled, written and dropped: memory
+is a few chunks and one layer's factors, whatever the number and size of the dumps.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from kfac_cli.enums import FisherType, KFACType, LossReduction
+from kfac_cli.errors import KfacError
+from kfac_cli.files.sources import Tensors, open_tensors
+from kfac_cli.jobs.distributed import RankFailed, Ranks, ranks_from_env
+from kfac_cli.jobs.patches import check_input, layer_meta, select_keys
+from kfac_cli.jobs.pipeline import BufferPool, Prefetcher
+from kfac_cli.jobs.skeleton import CPU, Finite, Job, Plan, Reporter, chunks
+from kfac_cli.models.load import load_layer_table
+from kfac_cli.models.table import Layer
+from kfac_cli.ops.factors import (
+    gradient_covariance,
+    input_covariance,
+    locations,
+    loss_correction,
+    mirror,
+)
+
+FORMAT = "kfac-cli/factors"
+GRADIENTS_FORMAT = "kfac-cli/output-gradients"
+FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+@dataclass(frozen=True)
+class Conventions:
+    """How the output gradients were made: what ``G``'s scale depends on."""
+
+    fisher_type: FisherType
+    loss_reduction: LossReduction | None = None
+    terms: int = 1
+    mc_samples: int = 1
+
+    def to_json(self) -> dict:
+        return {
+            "fisher_type": self.fisher_type.value,
+            "loss_reduction": None if self.loss_reduction is None else self.loss_reduction.value,
+            "num_per_example_loss_terms": self.terms,
+            "mc_samples": self.mc_samples,
+        }
+
+
+@dataclass
+class Work:
+    """One layer's inputs: its dump keys, factor sizes and row counts."""
+
+    layer: Layer
+    keys: list[str]
+    d: int
+    c_out: int
+    rows: int = 0  # rows of A's sum (expand: samples x locations; reduce: samples)
+    grad_rows: int = 0
+
+
+def conventions(
+    grads: list[Tensors],
+    fisher_type: str | None,
+    loss_reduction: str | None,
+    terms: int | None,
+    mc_samples: int | None,
+) -> Conventions:
+    """The conventions the gradient files record, checked against the options given.
+
+    Raises:
+        KfacError: For files that disagree with each other or with an option, or options
+            that the files do not answer and nobody gave.
+    """
+    if not grads:
+        given = FisherType(fisher_type or FisherType.FORWARD_ONLY)
+        if given is not FisherType.FORWARD_ONLY:
+            raise KfacError(None, "grads", f"output-gradient dumps for fisher type {given}", "none")
+        return Conventions(given)
+    options = {
+        "fisher_type": fisher_type,
+        "loss_reduction": loss_reduction,
+        "num_per_example_loss_terms": terms,
+        "mc_samples": mc_samples,
+    }
+    found: dict[str, object] = {}
+    for src in grads:
+        meta = src.metadata
+        if meta and meta.get("format") != GRADIENTS_FORMAT:
+            raise KfacError(
+                src.path, "__metadata__.format", repr(GRADIENTS_FORMAT), repr(meta.get("format"))
+            )
+        for key, option in options.items():
+            value = meta.get(key)
+            if value is None:
+                continue
+            if key in found and str(found[key]) != value:
+                raise KfacError(
+                    src.path, key, f"{found[key]} as in the other gradient files", value
+                )
+            if option is not None and str(option) != value:
+                raise KfacError(src.path, key, f"{option} (as given)", value)
+            found[key] = value
+    merged = {k: found.get(k, v) for k, v in options.items()}
+    for key in ("fisher_type", "loss_reduction"):
+        if merged[key] is None:
+            raise KfacError(grads[0].path, key, f"{key} in the metadata or as an option", "neither")
+    try:
+        fisher = FisherType(str(merged["fisher_type"]))
+        reduction = LossReduction(str(merged["loss_reduction"]))
+        t = int(merged["num_per_example_loss_terms"] or 1)
+        mc = int(merged["mc_samples"] or 1)
+    except ValueError as e:
+        raise KfacError(grads[0].path, None, "valid conventions", str(e)[:100]) from None
+    if fisher is FisherType.FORWARD_ONLY:
+        raise KfacError(grads[0].path, "fisher_type", "no gradient files for forward-only", "some")
+    if t < 1 or mc < 1 or (mc != 1 and fisher is not FisherType.MC):
+        raise KfacError(
+            grads[0].path, None, "T >= 1 and mc_samples 1 unless the fisher type is mc", str(merged)
+        )
+    return Conventions(fisher, reduction, t, mc)
+
+
+def _batch(src: Tensors, keys: list[str], axis: int) -> int:
+    """The batch size all of a file's tensors share (on ``axis``)."""
+    sizes = {src.infos[k].shape[axis] if len(src.infos[k].shape) > axis else -1 for k in keys}
+    if len(sizes) != 1 or -1 in sizes:
+        shapes = {k: list(src.infos[k].shape) for k in keys}
+        raise KfacError(src.path, None, "one batch size in every tensor", str(shapes)[:120])
+    return sizes.pop()
+
+
+def _output_shape(layer: Layer, input_shape: tuple[int, ...]) -> tuple[int, ...]:
+    """A layer output's shape less the batch: ``[C_out, *O]`` or ``[..., d_out]``."""
+    if layer.conv is None:
+        return (*input_shape[1:-1], layer.weight_shape[0])
+    return (layer.weight_shape[0], *layer.conv.output_size(input_shape[2:]))
+
+
+def run_factors(
+    model: Path | str,
+    activations: list[Path | str],
+    out: str,
+    *,
+    grads: list[Path | str] | None = None,
+    approx: str = "expand",
+    fisher_type: str | None = None,
+    loss_reduction: str | None = None,
+    num_per_example_loss_terms: int | None = None,
+    mc_samples: int | None = None,
+    separate_bias: bool = False,
+    eigh: bool = False,
+    dtype: str = "float32",
+    device: str = "cpu",
+    patterns: list[str] | None = None,
+    ignore_unknown: bool = False,
+    strict: bool = False,
+    force: bool = False,
+    spec: Path | str | None = None,
+    unsafe_pickle: bool = False,
+    timeout: float = 300.0,
+    reporter: Reporter | None = None,
+) -> dict:
+    """Compute each layer's Kronecker factors ``A`` and ``G`` from dumps; write them.
+
+    Args:
+        model: The checkpoint.
+        activations: Activation dumps, each holding whole samples (at most one ``-``).
+        out: The output file, or ``-``.
+        grads: The matching output-gradient dumps, one per activation dump.
+        approx: ``expand`` or ``reduce``.
+        fisher_type, loss_reduction, num_per_example_loss_terms, mc_samples: What the
+            gradient files do not record (options that contradict them are errors).
+        separate_bias: No ones column in ``A`` (weight and bias as separate blocks).
+        eigh: Also write each factor's eigendecomposition (computed in float64).
+        dtype: Accumulation and output dtype.
+        device: Compute device.
+        patterns: Only layers matching these globs.
+        ignore_unknown: Skip dump keys that name no layer KFAC treats.
+        strict: Fail on NaN/Inf in the dumps (default: warn).
+        force: Replace an existing output.
+        spec: A state dict's layer spec.
+        unsafe_pickle: Allow unpickling a whole module.
+        timeout: Seconds to wait for a torchrun rank that stopped responding.
+        reporter: Progress and warnings.
+
+    Returns:
+        A summary: factors with shapes, ``N``, bytes written, seconds.
+
+    Raises:
+        KfacError: For bad inputs (nothing is written).
+    """
+    from kfac_cli.jobs.devices import resolve_device
+
+    ranks = ranks_from_env(resolve_device(device), timeout)
+    try:
+        return _run(
+            ranks,
+            model,
+            activations,
+            out,
+            grads=grads or [],
+            approx=KFACType(approx),
+            fisher_type=fisher_type,
+            loss_reduction=loss_reduction,
+            terms=num_per_example_loss_terms,
+            mc_samples=mc_samples,
+            separate_bias=separate_bias,
+            eigh=eigh,
+            dtype=dtype,
+            device=device,
+            patterns=patterns,
+            ignore_unknown=ignore_unknown,
+            strict=strict,
+            force=force,
+            spec=spec,
+            unsafe_pickle=unsafe_pickle,
+            reporter=reporter,
+        )
+    except BaseException as e:
+        if not isinstance(e, RankFailed) and not ranks.fail(e):
+            raise RankFailed("another rank failed first") from None
+        raise
+    finally:
+        ranks.close()
+
+
+def _open_all(paths: list[Path | str], role: str) -> list[Tensors]:
+    sources: list[Tensors] = []
+    try:
+        for path in paths:
+            sources.append(open_tensors(path))
+    except BaseException:
+        for src in sources:
+            src.close()
+        raise
+    streams = [s.path for s in sources if s.sequential]
+    if len(streams) > 1:
+        raise KfacError(streams[1], None, f"at most one {role} stream", f"{len(streams)}")
+    return sources
+
+
+def _run(
+    ranks: Ranks,
+    model,
+    activations,
+    out,
+    *,
+    grads,
+    approx,
+    fisher_type,
+    loss_reduction,
+    terms,
+    mc_samples,
+    separate_bias,
+    eigh,
+    dtype,
+    device,
+    patterns,
+    ignore_unknown,
+    strict,
+    force,
+    spec,
+    unsafe_pickle,
+    reporter,
+) -> dict:
+    job = Job(
+        "factors",
+        out,
+        force=force,
+        device=device,
+        dtype=dtype,
+        reporter=reporter,
+        writer=ranks.writer,
+    )
+    table = load_layer_table(model, spec, unsafe_pickle)
+    if grads and len(grads) != len(activations):
+        raise KfacError(
+            None,
+            "grads",
+            f"{len(activations)} gradient dumps, one per activation dump",
+            str(len(grads)),
+        )
+    acts = _open_all(activations, "input")
+    grad_srcs: list[Tensors] = []
+    try:
+        grad_srcs = _open_all(grads, "input")
+        if sum(s.sequential for s in acts + grad_srcs) > 1:
+            raise KfacError("-", None, "at most one input stream", "more")
+        conv = conventions(grad_srcs, fisher_type, loss_reduction, terms, mc_samples)
+        works, batches = _plan(
+            table, acts, grad_srcs, model, patterns, ignore_unknown, separate_bias, approx, job
+        )
+        n = sum(batches)
+        if n == 0:
+            raise KfacError(acts[0].path, None, "at least one sample", "0")
+        stream = next((s for s in acts + grad_srcs if s.sequential), None)
+        if stream is not None:
+            first = {w.layer.name: min(stream.infos[k].begin for k in w.keys) for w in works}
+            works.sort(key=lambda w: first[w.layer.name])
+        forward_only = conv.fisher_type is FisherType.FORWARD_ONLY
+        plans = _plans(works, job.cast, forward_only, eigh)
+        metadata = factors_header(
+            job,
+            approx=approx.value,
+            conventions=conv.to_json(),
+            separate_bias=separate_bias,
+            num_data=n,
+            dtype=str(job.cast).removeprefix("torch."),
+            eigh=eigh,
+            model=str(model),
+            activations=[str(s.path) for s in acts],
+            grads=[str(s.path) for s in grad_srcs],
+            layers={w.layer.name: _layer_meta(w, acts, separate_bias, forward_only) for w in works},
+        )
+        units = ranks.share(batches)
+        accumulate = _Accumulator(
+            job, acts, grad_srcs, works, units, approx, conv, n, strict, ranks, separate_bias, eigh
+        )
+        try:
+            if ranks.writer:
+                written = job.write(
+                    plans,
+                    metadata,
+                    accumulate.produce,
+                    before_commit=lambda: _finish(acts + grad_srcs, ranks),
+                )
+                ranks.publish()
+            else:
+                for plan in plans:
+                    accumulate.produce(plan, lambda *a, **k: None)
+                _finish(acts + grad_srcs, ranks)
+                ranks.await_writer()
+                written = 0
+        finally:
+            accumulate.close()
+    finally:
+        for src in acts + grad_srcs:
+            src.close()
+    return job.summary(plans, written, items="factors", num_data=n, **conv.to_json())
+
+
+def factors_header(
+    job: Job,
+    *,
+    approx,
+    conventions,
+    separate_bias,
+    num_data,
+    dtype,
+    eigh,
+    model,
+    activations,
+    grads,
+    layers,
+) -> dict[str, str]:
+    """The factors file's metadata, in one order (runs and merges give the same bytes)."""
+    return job.header(
+        FORMAT,
+        approx=approx,
+        **conventions,
+        separate_bias=separate_bias,
+        num_data=num_data,
+        dtype=dtype,
+        eigh=eigh,
+        model=model,
+        activations=activations,
+        grads=grads,
+        layers=layers,
+    )
+
+
+def _finish(sources: list[Tensors], ranks: Ranks) -> None:
+    for src in sources:
+        src.finish()
+    ranks.agree()
+
+
+def _plan(table, acts, grads, model, patterns, ignore_unknown, separate_bias, approx, job):
+    """Which layers, under which keys, from which files; checked against each other."""
+    keys_of: list[list[str]] = []
+    for src in acts:
+        keys_of.append(select_keys(table, src, model, patterns, ignore_unknown, job.reporter))
+    first = set(keys_of[0])
+    for src, keys in zip(acts[1:], keys_of[1:]):
+        if set(keys) != first:
+            odd = sorted(set(keys) ^ first)[0]
+            raise KfacError(
+                src.path, odd, f"the layers of {acts[0].path}", "a different set of layers"
+            )
+    batches = [_batch(src, keys, 0) for src, keys in zip(acts, keys_of)]
+    works: dict[str, Work] = {}
+    for key in keys_of[0]:
+        layer = table.layer(key)
+        for src in acts:
+            info = src.infos[key]
+            check_input(key, layer, info.shape, info.dtype, src.path, model)
+        bias = layer.bias is not None and not separate_bias
+        d = math.prod(layer.weight_shape[1:]) + bias
+        work = works.setdefault(layer.name, Work(layer, [], d, layer.weight_shape[0]))
+        work.keys.append(key)
+        for src in acts:
+            shape = src.infos[key].shape
+            o = locations(shape, layer.conv)
+            work.rows += shape[0] * (1 if approx is KFACType.REDUCE else o)
+    for src, act, batch in zip(grads, acts, batches):
+        if set(src.infos) != first:
+            odd = sorted(set(src.infos) ^ first)[0]
+            found = "a tensor the activations lack" if odd in src.infos else "no such tensor"
+            raise KfacError(src.path, odd, f"the layers of {act.path}", found)
+        vectors = _batch(src, list(first), 0)
+        for key in first:
+            layer = table.layer(key)
+            want = (vectors, batch, *_output_shape(layer, act.infos[key].shape))
+            info = src.infos[key]
+            if info.shape != want:
+                raise KfacError(
+                    src.path,
+                    key,
+                    f"output gradients of shape {list(want)} [V, B, ...]",
+                    f"{list(info.shape)}",
+                )
+            if info.dtype not in FLOATS:
+                raise KfacError(src.path, key, "a floating-point dtype", str(info.dtype))
+            work = works[layer.name]
+            o = 1 if approx is KFACType.REDUCE else locations(act.infos[key].shape, layer.conv)
+            work.grad_rows += vectors * batch * o
+    order = {la.name: i for i, la in enumerate(table.layers)}
+    return sorted(works.values(), key=lambda w: order[w.layer.name]), batches
+
+
+def _plans(works: list[Work], dtype, forward_only: bool, eigh: bool) -> list[Plan]:
+    plans = []
+    for w in works:
+        sizes = {"A": w.d} if forward_only else {"A": w.d, "G": w.c_out}
+        for factor, size in sizes.items():
+            key = f"{w.layer.name}.{factor}"
+            plans.append(Plan(key, dtype, (size, size), {"layer": w.layer.name}))
+            if eigh:
+                plans.append(Plan(f"{key}.eigenvalues", dtype, (size,), {"layer": w.layer.name}))
+                plans.append(
+                    Plan(f"{key}.eigenvectors", dtype, (size, size), {"layer": w.layer.name})
+                )
+    return plans
+
+
+def _layer_meta(w: Work, acts, separate_bias: bool, forward_only: bool) -> dict:
+    layer = w.layer
+    meta = layer_meta(layer, acts[0].infos[w.keys[0]].shape)
+    meta.pop("input_shape")
+    bias = layer.bias is not None
+    if bias and not separate_bias:
+        blocks = [{"key": layer.name, "W": layer.weight, "b": layer.bias, "factors": ["G", "A"]}]
+    else:
+        blocks = [
+            {
+                "key": layer.weight if separate_bias else layer.name,
+                "W": layer.weight,
+                "b": None,
+                "factors": ["G", "A"],
+            }
+        ]
+        if bias:
+            blocks.append({"key": layer.bias, "W": None, "b": layer.bias, "factors": ["G"]})
+    meta.update(
+        {
+            "keys": w.keys,
+            "input_shapes": [list(src.infos[k].shape) for src in acts for k in w.keys],
+            "D": w.d,
+            "C_out": w.c_out,
+            "bias_column": bias and not separate_bias,
+            "rows": w.rows,
+            "gradient_rows": 0 if forward_only else w.grad_rows,
+            "blocks": blocks,
+        }
+    )
+    return meta
+
+
+class _Accumulator:
+    """Reads, folds and scales one layer at a time, in the order of the plans."""
+
+    def __init__(
+        self, job, acts, grads, works, units, approx, conv, n, strict, ranks, separate_bias, eigh
+    ) -> None:
+        self.job, self.acts, self.grads = job, acts, grads
+        self.works = {w.layer.name: w for w in works}
+        self.units, self.approx, self.conv, self.n = units, approx, conv, n
+        self.ranks, self.separate_bias, self.eigh = ranks, separate_bias, eigh
+        self.finite = {id(src): Finite(src.path, strict, job.reporter) for src in acts + grads}
+        self.dtype = job.cast or torch.float32
+        self.stage = job.stage()
+        self.done: dict[str, torch.Tensor] = {}
+        self.pool = BufferPool(3, CPU, pin_memory=self.stage.cuda)
+        self.prefetch = Prefetcher(self._reads(works), self.pool)
+
+    def _rows(self, info, start: int, stop: int, grads: bool):
+        """``(row_len, first, end)`` chunks of a unit's batch rows ``start:stop``: of the
+        tensor as ``[B, -1]``, or for gradients ``[V, B, ...]`` as ``[V·B, -1]``."""
+        vectors, batch = (info.shape[0], info.shape[1]) if grads else (1, 0)
+        row_len = math.prod(info.shape[2:] if grads else info.shape[1:])
+        nbytes = (stop - start) * row_len * info.dtype.itemsize
+        for v in range(vectors):
+            for a, b in chunks(stop - start, nbytes, self.job.chunk_bytes):
+                yield row_len, v * batch + start + a, v * batch + start + b
+
+    def _inputs(self, w: Work, grads: bool):
+        """``(source, key, info, rows)`` of every chunk of a layer, in reading order."""
+        sources = self.grads if grads else self.acts
+        for f, start, stop in self.units:
+            src = sources[f]
+            for key in src.order(w.keys):
+                info = src.infos[key]
+                for rows in self._rows(info, start, stop, grads):
+                    yield src, key, info, rows
+
+    def _reads(self, works):
+        for w in works:
+            for grads in (False, True) if self.grads else (False,):
+                for src, key, info, (row_len, a, b) in self._inputs(w, grads):
+                    nbytes = (b - a) * row_len * info.dtype.itemsize
+                    yield nbytes, lambda buf, s=src, k=key, r=(row_len, a, b): s.read(k, buf, r)
+
+    def produce(self, plan: Plan, put) -> None:
+        if plan.key not in self.done:
+            self._layer(self.works[plan.meta["layer"]])
+        put(plan.key, self.done.pop(plan.key).to(CPU, self.dtype))
+
+    def _layer(self, w: Work) -> None:
+        """Sum, combine over ranks, scale, symmetrise (and decompose) one layer's factors."""
+        device = self.stage.device
+        a_sum = torch.zeros(w.d, w.d, dtype=self.dtype, device=device)
+        bias = w.layer.bias is not None and not self.separate_bias
+        for src, key, info, (_, a, b) in self._inputs(w, grads=False):
+            x = self._next(src, key, (b - a, *info.shape[1:]))
+            o = 1 if self.approx is KFACType.REDUCE else locations(info.shape, w.layer.conv)
+            a_sum.add_(input_covariance(x, w.layer.conv, self.approx, bias), alpha=1.0 / o)
+        sums = [a_sum]
+        if self.grads:
+            g_sum = torch.zeros(w.c_out, w.c_out, dtype=self.dtype, device=device)
+            for src, key, info, (_, a, b) in self._inputs(w, grads=True):
+                g = self._next(src, key, (1, b - a, *info.shape[2:]))
+                c = loss_correction(
+                    self.conv.loss_reduction,
+                    info.shape[1],
+                    self.conv.terms,
+                    self.n,
+                    self.conv.mc_samples,
+                )
+                g_sum.add_(gradient_covariance(g, w.layer.conv is not None, self.approx), alpha=c)
+            sums.append(g_sum)
+        flat = self.ranks.sum_(torch.cat([s.flatten() for s in sums]))
+        a_sum = flat[: w.d * w.d].view(w.d, w.d)
+        factors = {"A": mirror(a_sum / self.n)}
+        if self.grads:
+            factors["G"] = mirror(flat[w.d * w.d :].view(w.c_out, w.c_out))
+        for name, value in factors.items():
+            key = f"{w.layer.name}.{name}"
+            self.done[key] = value
+            if self.eigh:
+                vals, vecs = torch.linalg.eigh(value.double())
+                self.done[f"{key}.eigenvalues"] = vals
+                self.done[f"{key}.eigenvectors"] = vecs
+
+    def _next(self, src, key: str, shape: tuple[int, ...]) -> torch.Tensor:
+        """The next chunk on the device (its host buffer back in the pool once copied)."""
+        self.ranks.check()
+        x_host, buf = self.prefetch.next()
+        x_host = x_host.view(shape)
+        self.finite[id(src)].check(key, x_host)
+        x = self.stage.to_device(x_host, self.dtype)
+        if x.device.type == "cpu" and x.data_ptr() == x_host.data_ptr():
+            x = x.clone()  # the buffer goes back to the reader; the sum needs the data
+        self.stage.wait_copied()
+        self.pool.put(buf)
+        return x
+
+    def close(self) -> None:
+        self.prefetch.close()
+
+
+def run_merge(
+    inputs: list[Path | str],
+    out: str,
+    *,
+    eigh: bool = False,
+    force: bool = False,
+    reporter: Reporter | None = None,
+) -> dict:
+    """Combine factor files from disjoint data into the file one run over all would give.
+
+    ``A`` (and ``G`` of a ``mean`` loss) are averages over samples: combined weighted by
+    each file's ``N``; ``G`` of a ``sum`` loss is a plain sum; counts add up.
+
+    Raises:
+        KfacError: For files of different models, approximations or conventions.
+    """
+    job = Job("factors --merge", out, force=force, reporter=reporter)
+    sources = _open_all(inputs, "factor")
+    try:
+        metas = [_factor_meta(src) for src in sources]
+        first = metas[0]
+        same = (
+            "approx",
+            "fisher_type",
+            "loss_reduction",
+            "num_per_example_loss_terms",
+            "mc_samples",
+            "separate_bias",
+            "dtype",
+            "layout_version",
+        )
+        for src, meta in zip(sources[1:], metas[1:]):
+            for key in same:
+                if meta[key] != first[key]:
+                    raise KfacError(
+                        src.path, key, f"{first[key]} as in {sources[0].path}", str(meta[key])
+                    )
+            if set(meta["layers"]) != set(first["layers"]):
+                odd = sorted(set(meta["layers"]) ^ set(first["layers"]))[0]
+                raise KfacError(src.path, odd, f"the layers of {sources[0].path}", "others")
+            for name, layer in meta["layers"].items():
+                mine = {k: v for k, v in layer.items() if k not in _COUNTS}
+                theirs = {k: v for k, v in first["layers"][name].items() if k not in _COUNTS}
+                if mine != theirs:
+                    odd = next(
+                        k for k in sorted(set(mine) | set(theirs)) if mine.get(k) != theirs.get(k)
+                    )
+                    raise KfacError(
+                        src.path,
+                        f"{name}.{odd}",
+                        f"{theirs.get(odd)} as in {sources[0].path}",
+                        str(mine.get(odd)),
+                    )
+        n = sum(m["num_data"] for m in metas)
+        dtype = next(
+            p
+            for p in (torch.float32, torch.float64, torch.float16, torch.bfloat16)
+            if str(p).removeprefix("torch.") == first["dtype"]
+        )
+        factor_keys = [k for k in sources[0].infos if k.endswith((".A", ".G"))]
+        sizes = {k: sources[0].infos[k].shape for k in factor_keys}
+        for src in sources:
+            missing = [k for k in factor_keys if k not in src.infos]
+            if missing:
+                raise KfacError(src.path, missing[0], "every factor of the first file", "none")
+        plans = []
+        for key in factor_keys:
+            plans.append(Plan(key, dtype, sizes[key]))
+            if eigh:
+                plans.append(Plan(f"{key}.eigenvalues", dtype, sizes[key][:1]))
+                plans.append(Plan(f"{key}.eigenvectors", dtype, sizes[key]))
+        layers = {}
+        for name, layer in first["layers"].items():
+            merged = dict(layer)
+            for count in ("rows", "gradient_rows"):
+                merged[count] = sum(m["layers"][name][count] for m in metas)
+            merged["input_shapes"] = [s for m in metas for s in m["layers"][name]["input_shapes"]]
+            layers[name] = merged
+        metadata = factors_header(
+            job,
+            approx=first["approx"],
+            conventions={k: first[k] for k in _CONVENTIONS},
+            separate_bias=first["separate_bias"],
+            num_data=n,
+            dtype=first["dtype"],
+            eigh=eigh,
+            model=first["model"],
+            activations=[a for m in metas for a in m["activations"]],
+            grads=[g for m in metas for g in m["grads"]],
+            layers=layers,
+        )
+        weighted = first["fisher_type"] == "forward-only" or first["loss_reduction"] == "mean"
+        done: dict[str, torch.Tensor] = {}
+
+        def produce(plan: Plan, put) -> None:
+            if plan.key not in done:
+                base = plan.key.removesuffix(".eigenvalues").removesuffix(".eigenvectors")
+                total = torch.zeros(sizes[base], dtype=torch.float64)
+                for src, meta in zip(sources, metas):
+                    value = src.read(base).double()
+                    average = base.endswith(".A") or weighted
+                    total += value * (meta["num_data"] / n if average else 1.0)
+                done[base] = mirror(total)
+                if eigh:
+                    vals, vecs = torch.linalg.eigh(done[base])
+                    done[f"{base}.eigenvalues"], done[f"{base}.eigenvectors"] = vals, vecs
+            put(plan.key, done.pop(plan.key).to(plan.dtype))
+
+        written = job.write(
+            plans, metadata, produce, before_commit=lambda: _finish(sources, Ranks())
+        )
+    finally:
+        for src in sources:
+            src.close()
+    return job.summary(plans, written, items="factors", num_data=n)
+
+
+_COUNTS = ("rows", "gradient_rows", "input_shapes")
+_CONVENTIONS = ("fisher_type", "loss_reduction", "num_per_example_loss_terms", "mc_samples")
+
+
+def _factor_meta(src: Tensors) -> dict:
+    meta = src.metadata
+    if meta.get("format") != FORMAT:
+        raise KfacError(src.path, "__metadata__.format", repr(FORMAT), repr(meta.get("format")))
+    try:
+        out = {k: meta[k] for k in ("approx", "fisher_type", "dtype", "model", "layout_version")}
+        for key in (
+            "loss_reduction",
+            "num_per_example_loss_terms",
+            "mc_samples",
+            "separate_bias",
+            "num_data",
+            "layers",
+            "activations",
+            "grads",
+        ):
+            out[key] = json.loads(meta[key])
+    except (KeyError, ValueError) as e:
+        raise KfacError(
+            src.path,
+            "__metadata__",
+            "factors metadata as kfac-cli writes it",
+            f"{type(e).__name__}: {e}"[:100],
+        ) from None
+    if not isinstance(out["num_data"], int) or out["num_data"] < 0:
+        raise KfacError(src.path, "num_data", "a sample count", repr(out["num_data"]))
+    return out
