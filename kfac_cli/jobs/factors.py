@@ -91,8 +91,17 @@ def conventions(
         "mc_samples": mc_samples,
     }
     found: dict[str, object] = {}
+    recorded = {k for k in options if k in grads[0].metadata}
     for src in grads:
         meta = src.metadata
+        if {k for k in options if k in meta} != recorded:
+            raise KfacError(
+                src.path,
+                "__metadata__",
+                f"the conventions {grads[0].path} records "
+                f"({', '.join(sorted(recorded)) or 'none'})",
+                ", ".join(sorted(k for k in options if k in meta)) or "none",
+            )
         if meta and meta.get("format") != GRADIENTS_FORMAT:
             raise KfacError(
                 src.path, "__metadata__.format", repr(GRADIENTS_FORMAT), repr(meta.get("format"))
@@ -556,6 +565,9 @@ class _Accumulator:
                 )
                 g_sum.add_(gradient_covariance(g, w.layer.conv is not None, self.approx), alpha=c)
             sums.append(g_sum)
+        for src in self.acts + self.grads:
+            for key in w.keys:
+                self.finite[id(src)].report(key, math.prod(src.infos[key].shape))
         flat = self.ranks.sum_(torch.cat([s.flatten() for s in sums]))
         a_sum = flat[: w.d * w.d].view(w.d, w.d)
         factors = {"A": mirror(a_sum / self.n)}
@@ -713,8 +725,8 @@ def _factor_meta(src: Tensors) -> dict:
         raise KfacError(src.path, "__metadata__.format", repr(FORMAT), repr(meta.get("format")))
     try:
         out = {k: meta[k] for k in ("approx", "fisher_type", "dtype", "model", "layout_version")}
+        out["loss_reduction"] = None if meta["loss_reduction"] == "null" else meta["loss_reduction"]
         for key in (
-            "loss_reduction",
             "num_per_example_loss_terms",
             "mc_samples",
             "separate_bias",

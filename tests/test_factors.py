@@ -1,0 +1,541 @@
+"""`kfac-cli factors`: against curvlinops' KFACLinearOperator, einconv and brute force."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from kfac_cli.errors import KfacError
+from kfac_cli.jobs.factors import run_factors, run_merge
+from kfac_cli.ops.conv import ConvParams
+from kfac_cli.ops.factors import conv_covariance, input_covariance, mirror
+from kfac_cli.ops.patches import conv_patches
+from kfac_cli.record import record
+from tests.conftest import DEVICES, invoke, run_cli
+
+curvlinops = pytest.importorskip("curvlinops", reason="the reference (see README)")
+
+
+class SeqModel(nn.Module):
+    """Linear layers on a sequence [B, S, d]: T = S loss terms per sample."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(4, 6)
+        self.fc2 = nn.Linear(6, 3)
+
+    def forward(self, x):
+        return self.fc2(torch.tanh(self.fc1(x)))
+
+
+def _cnn():
+    return nn.Sequential(
+        nn.Conv2d(3, 4, 3, padding=1),
+        nn.ReLU(),
+        nn.Conv2d(4, 4, 3, stride=2, padding=1, bias=False),
+        nn.Flatten(),
+        nn.Linear(4 * 4 * 4, 5),
+    ).double()
+
+
+def _setup(kind: str, loss_name: str, reduction: str, seed: int = 0):
+    torch.manual_seed(seed)
+    if kind == "cnn":
+        model, xs = _cnn(), [torch.randn(5, 3, 8, 8, dtype=torch.float64) for _ in range(2)]
+        out_shape = (5, 5)
+    else:
+        model, xs = (
+            SeqModel().double(),
+            [torch.randn(4, 7, 4, dtype=torch.float64) for _ in range(2)],
+        )
+        out_shape = (4, 7, 3)
+    if loss_name == "ce":
+        loss = nn.CrossEntropyLoss(reduction=reduction)
+        if kind == "seq":  # classes second, as CrossEntropyLoss wants them
+            model = nn.Sequential(model, _Transpose())
+            ys = [torch.randint(0, 3, (4, 7)) for _ in xs]
+        else:
+            ys = [torch.randint(0, 5, (5,)) for _ in xs]
+    else:
+        loss = nn.MSELoss(reduction=reduction)
+        ys = [torch.randn(*out_shape, dtype=torch.float64) for _ in xs]
+    return model, loss, list(zip(xs, ys))
+
+
+class _Transpose(nn.Module):
+    def forward(self, x):
+        return x.transpose(1, 2)
+
+
+def _treated(model):
+    return [(name, m) for name, m in model.named_modules() if isinstance(m, (nn.Linear, nn.Conv2d))]
+
+
+def _ours(model, loss, data, folder, fisher, approx, sep, mc=1, dtype="float64", **kw):
+    shards = record(model, data, loss, folder, fisher_type=fisher, mc_samples=mc, force=True)
+    pt2 = folder / "model.pt2"
+    torch.export.save(torch.export.export(model, (data[0][0],)), pt2)
+    grads = [str(g) for _, g in shards] if fisher != "forward-only" else None
+    out = folder / "F.safetensors"
+    summary = run_factors(
+        pt2,
+        [str(a) for a, _ in shards],
+        str(out),
+        grads=grads,
+        approx=approx,
+        separate_bias=sep,
+        dtype=dtype,
+        force=True,
+        **kw,
+    )
+    return load_file(out), summary, out
+
+
+CASES = [
+    (kind, loss, fisher, red, approx, sep)
+    for kind in ("cnn", "seq")
+    for loss in ("ce", "mse")
+    for fisher in ("empirical", "type-2", "mc", "forward-only")
+    for red in ("mean", "sum")
+    for approx in ("expand", "reduce")
+    for sep in (False, True)
+    if (kind == "cnn" or approx == "expand") and (not sep or (fisher == "mc" and red == "mean"))
+]
+
+
+@pytest.mark.parametrize(
+    "kind,loss_name,fisher,reduction,approx,sep",
+    CASES,
+    ids=["-".join(str(v) for v in c[:5]) + ("-separate" if c[5] else "") for c in CASES],
+)
+def test_factors_equal_curvlinops_kfac(tmp_path, kind, loss_name, fisher, reduction, approx, sep):
+    model, loss, data = _setup(kind, loss_name, reduction)
+    mc = 2 if fisher == "mc" else 1
+    names = [n for n, _ in _treated(model)]
+    params = [p for _, m in _treated(model) for p in m.parameters()]
+    reference = curvlinops.KFACLinearOperator(
+        model,
+        loss,
+        params,
+        data,
+        fisher_type=fisher,
+        mc_samples=mc,
+        kfac_approx=approx,
+        separate_weight_and_bias=sep,
+        check_deterministic=False,
+    )
+    reference.compute_kronecker_factors()
+    got, summary, _ = _ours(model, loss, data, tmp_path, fisher, approx, sep, mc)
+    assert summary["num_data"] == sum(x.shape[0] for x, _ in data)
+    for name in names:
+        a, ref_a = got[f"{name}.A"], reference._input_covariances[name]
+        torch.testing.assert_close(a, ref_a, rtol=1e-12, atol=1e-14)
+        assert torch.equal(a, a.T)
+        if fisher == "forward-only":
+            assert f"{name}.G" not in got
+            continue
+        g, ref_g = got[f"{name}.G"], reference._gradient_covariances[name]
+        torch.testing.assert_close(g, ref_g, rtol=1e-12, atol=1e-14)
+        assert torch.equal(g, g.T)
+
+
+def test_float32_factors_are_as_accurate_as_the_reference(tmp_path):
+    model, loss, data = _setup("cnn", "ce", "mean")
+    exact, _, _ = _ours(model, loss, data, tmp_path / "64", "empirical", "expand", False)
+    model32 = model.float()
+    data32 = [(x.float(), y) for x, y in data]
+    got, _, _ = _ours(
+        model32, loss, data32, tmp_path / "32", "empirical", "expand", False, dtype="float32"
+    )
+    for key, value in exact.items():
+        assert got[key].dtype == torch.float32
+        torch.testing.assert_close(got[key].double(), value, rtol=1e-5, atol=1e-6)
+
+
+def _conv_model(conv: nn.Module, c_in: int, spatial: tuple[int, ...]):
+    class M(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = conv
+            self.head = nn.Linear(1, 2)
+
+        def forward(self, x):
+            y = self.conv(x)
+            return self.head(y.mean(tuple(range(1, y.ndim))).unsqueeze(1))
+
+    return M().double(), torch.randn(3, c_in, *spatial, dtype=torch.float64)
+
+
+@pytest.mark.parametrize(
+    "conv,c_in,spatial",
+    [
+        (nn.Conv1d(4, 3, 3, padding=1, padding_mode="reflect"), 4, (9,)),
+        (nn.Conv1d(4, 2, 4, padding="same", dilation=2), 4, (11,)),
+        (nn.Conv2d(4, 6, (3, 2), padding="same", groups=2), 4, (6, 7)),
+        (nn.Conv2d(3, 4, 3, padding=2, padding_mode="circular"), 3, (5, 6)),
+        (nn.Conv3d(2, 3, (2, 3, 3), padding=(1, 1, 0), stride=(1, 2, 1)), 2, (4, 5, 6)),
+        (nn.Conv3d(2, 2, 3, padding="same"), 2, (4, 4, 5)),
+    ],
+    ids=[
+        "1d-reflect",
+        "1d-same-even-dilated",
+        "2d-same-groups",
+        "2d-circular",
+        "3d-strided",
+        "3d-same",
+    ],
+)
+@pytest.mark.parametrize("approx", ["expand", "reduce"])
+def test_nd_factors_against_patches_and_brute_force(tmp_path, conv, c_in, spatial, approx):
+    """A from `kfac-cli patches` (Σ aᵀa), G from the dumped gradients by hand."""
+    torch.manual_seed(4)
+    model, x = _conv_model(conv, c_in, spatial)
+    data = [(x, torch.randint(0, 2, (3,))), (x.flip(0) + 1, torch.randint(0, 2, (3,)))]
+    got, _, _ = _ours(model, nn.CrossEntropyLoss(), data, tmp_path, "empirical", approx, False)
+    shards = sorted(tmp_path.glob("acts-*.safetensors"))
+    p = tmp_path / "p.safetensors"
+    a_sum = 0
+    for shard in shards:
+        run = invoke(
+            "patches",
+            tmp_path / "model.pt2",
+            shard,
+            "-o",
+            p,
+            "--approx",
+            approx,
+            "--bias-column",
+            "--force",
+            "--layer",
+            "conv",
+        )
+        assert run.returncode == 0, run.stderr
+        rows = load_file(p)["conv"]
+        o = 1 if approx == "reduce" else rows.shape[1]
+        flat = rows.reshape(-1, rows.shape[-1])
+        a_sum = a_sum + flat.T @ flat / o
+    torch.testing.assert_close(got["conv.A"], a_sum / 6, rtol=1e-12, atol=1e-13)
+    g_sum = 0
+    for shard in sorted(tmp_path.glob("grads-*.safetensors")):
+        g = load_file(shard)["conv"]  # [1, B, C_out, *O]
+        rows = g.flatten(3).sum(3) if approx == "reduce" else g.flatten(3).transpose(2, 3)
+        rows = rows.reshape(-1, g.shape[2])
+        g_sum = g_sum + rows.T @ rows * (3**2 / 6)  # mean loss: (B T)^2 / N
+    torch.testing.assert_close(got["conv.G"], g_sum, rtol=1e-12, atol=1e-13)
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=list(HealthCheck))
+@given(data=st.data())
+def test_expand_kernels_equal_brute_force(data):
+    """Every expand method on random N-d geometries, against Σ p pᵀ of the patches."""
+    n = data.draw(st.integers(1, 3))
+    k = tuple(data.draw(st.integers(1, 4)) for _ in range(n))
+    d = tuple(data.draw(st.integers(1, 2)) for _ in range(n))
+    s = tuple(data.draw(st.integers(1, 2)) for _ in range(n))
+    size = tuple(data.draw(st.integers(kk * dd, kk * dd + 5)) for kk, dd in zip(k, d))
+    groups = data.draw(st.sampled_from([1, 2]))
+    mode = data.draw(st.sampled_from(["zeros", "zeros", "reflect", "circular", "replicate"]))
+    pads = tuple((data.draw(st.integers(0, kk - 1)), data.draw(st.integers(0, kk - 1))) for kk in k)
+    if mode != "zeros":
+        pads = tuple((min(a, i - 1), min(b, i - 1)) for (a, b), i in zip(pads, size))
+    params = ConvParams.create(k, s, pads, d, groups, mode, n=n)
+    x = torch.randn(2, 2 * groups, *size, dtype=torch.float64)
+    patches = conv_patches(x, params).reshape(-1, params.patch_size(x.shape[1]))
+    expected = patches.T @ patches
+    methods = ["patches"] + (["lags"] if all(v == 1 for v in s) else [])
+    for method in methods:
+        got = conv_covariance(x, params, method=method)
+        torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-11)
+        assert torch.equal(got, got.T)
+
+
+@pytest.mark.parametrize(
+    "spatial,kernel,dilation,padding",
+    [
+        ((9,), (3,), (2,), (1,)),
+        ((7, 6), (3, 2), (2, 1), (1, 1)),
+        ((5, 4, 6), (2, 2, 3), (1, 1, 1), (1, 0, 1)),
+    ],
+)
+def test_expand_and_reduce_sums_equal_einconv(spatial, kernel, dilation, padding):
+    """einconv's KFC and KFAC-reduce contractions, an independent tensor-network reference."""
+    from einconv.expressions import convNd_kfac_reduce, convNd_kfc
+
+    x = torch.randn(3, 4, *spatial, dtype=torch.float64)
+    params = ConvParams.create(kernel, 1, padding, dilation, n=len(spatial))
+    for expression, approx in ((convNd_kfc, "expand"), (convNd_kfac_reduce, "reduce")):
+        eq, ops, shape = expression.einsum_expression(
+            x, kernel, stride=1, padding=padding, dilation=dilation
+        )
+        ref = torch.einsum(eq, *ops).reshape(shape)[0] * x.shape[0]
+        got = input_covariance(x, params, approx)
+        # einconv builds its 1/B scale in float32: agreement to that rounding
+        torch.testing.assert_close(got, ref, rtol=1e-7, atol=1e-10)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_gram_is_the_symmetric_product(device):
+    from kfac_cli.ops.factors import gram
+
+    p = torch.randn(300, 700, dtype=torch.float64, device=device)
+    torch.testing.assert_close(mirror(gram(p)), p.T @ p, rtol=1e-12, atol=1e-10)
+
+
+# ----------------------------------------------------------------------------- files
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("shards")
+    model, loss, data = _setup("cnn", "ce", "mean", seed=7)
+    data = data + [(x * 0.5, y) for x, y in data]
+    pairs = record(model, data, loss, folder, fisher_type="mc", mc_samples=2)
+    pt2 = folder / "model.pt2"
+    torch.export.save(torch.export.export(model, (data[0][0],)), pt2)
+    return pt2, [a for a, _ in pairs], [g for _, g in pairs]
+
+
+def _factors(pt2, acts, grads, out, *extra):
+    args = ["factors", pt2, *acts, "-o", out, "--dtype", "float64", *extra]
+    if grads:
+        args += ["--grads", *grads]
+    proc = invoke(*args)
+    assert proc.returncode == 0, proc.stderr
+    return load_file(out)
+
+
+def test_merged_halves_equal_one_run_and_order_does_not_matter(shards, tmp_path):
+    pt2, acts, grads = shards
+    whole = _factors(pt2, acts, grads, tmp_path / "all.safetensors")
+    _factors(pt2, acts[:1], grads[:1], tmp_path / "h1.safetensors")
+    _factors(pt2, acts[1:], grads[1:], tmp_path / "h2.safetensors")
+    assert (
+        invoke(
+            "factors",
+            "--merge",
+            tmp_path / "h1.safetensors",
+            tmp_path / "h2.safetensors",
+            "-o",
+            tmp_path / "m.safetensors",
+        ).returncode
+        == 0
+    )
+    merged = load_file(tmp_path / "m.safetensors")
+    assert merged.keys() == whole.keys()
+    for key in whole:
+        torch.testing.assert_close(merged[key], whole[key], rtol=1e-13, atol=1e-15)
+        assert torch.equal(merged[key], merged[key].T)
+    meta = [safe_open(tmp_path / f, "pt").metadata() for f in ("all.safetensors", "m.safetensors")]
+    assert meta[0] == meta[1]  # counts exact, conventions and layers the same, to the byte
+    shuffled = _factors(pt2, acts[::-1], grads[::-1], tmp_path / "rev.safetensors")
+    for key in whole:
+        torch.testing.assert_close(shuffled[key], whole[key], rtol=1e-13, atol=1e-15)
+
+
+def test_eigh_reconstructs_each_factor(shards, tmp_path):
+    pt2, acts, grads = shards
+    got = _factors(pt2, acts, grads, tmp_path / "e.safetensors", "--eigh")
+    for key in [k for k in got if k.endswith((".A", ".G"))]:
+        vals, vecs = got[f"{key}.eigenvalues"], got[f"{key}.eigenvectors"]
+        torch.testing.assert_close(
+            vecs @ torch.diag(vals) @ vecs.T, got[key], rtol=1e-10, atol=1e-12
+        )
+
+
+def test_output_metadata_says_how_to_apply_the_factors(shards, tmp_path):
+    pt2, acts, grads = shards
+    out = tmp_path / "f.safetensors"
+    _factors(pt2, acts, grads, out)
+    meta = safe_open(out, "pt").metadata()
+    assert meta["format"] == "kfac-cli/factors" and meta["fisher_type"] == "mc"
+    assert json.loads(meta["num_data"]) == 20 and json.loads(meta["mc_samples"]) == 2
+    layers = json.loads(meta["layers"])
+    assert layers["0"]["blocks"] == [
+        {"key": "0", "W": "0.weight", "b": "0.bias", "factors": ["G", "A"]}
+    ]
+    assert layers["0"]["D"] == 3 * 9 + 1 and layers["2"]["D"] == 4 * 9  # no bias
+    assert layers["0"]["rows"] == 20 * 64
+
+
+def test_kronecker_block_acts_on_the_canonical_matrix(shards, tmp_path):
+    """G @ M @ A on `canonicalize --layout matrix` equals the dense (G ⊗ A) vec(M)."""
+    pt2, acts, grads = shards
+    f = _factors(pt2, acts, grads, tmp_path / "f.safetensors")
+    model = _cnn()
+    tensors = {n: torch.randn_like(p) for n, p in model.named_parameters()}
+    save_file(tensors, tmp_path / "v.safetensors")
+    assert (
+        invoke(
+            "canonicalize",
+            pt2,
+            tmp_path / "v.safetensors",
+            "-o",
+            tmp_path / "c.safetensors",
+            "--layout",
+            "matrix",
+        ).returncode
+        == 0
+    )
+    m = load_file(tmp_path / "c.safetensors")["4"]
+    g, a = f["4.G"], f["4.A"]
+    dense = torch.kron(g, a) @ m.flatten()
+    torch.testing.assert_close((g @ m @ a).flatten(), dense)
+
+
+def test_stream_input_gives_the_same_file(shards, tmp_path):
+    pt2, acts, grads = shards
+    files = tmp_path / "files.safetensors"
+    _factors(pt2, acts[:1], grads[:1], files)
+    out = tmp_path / "stream.safetensors"
+    proc = run_cli(
+        "factors",
+        pt2,
+        "-",
+        "--grads",
+        grads[0],
+        "-o",
+        out,
+        "--dtype",
+        "float64",
+        input=acts[0].read_bytes(),
+    )
+    assert proc.returncode == 0, proc.stderr
+    a, b = load_file(files), load_file(out)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def _bad(tmp_path, name, tensors, meta=None):
+    path = tmp_path / name
+    save_file(tensors, path, metadata=meta)
+    return path
+
+
+def test_bad_gradient_dumps(shards, tmp_path):
+    pt2, acts, grads = shards
+    g = load_file(grads[0])
+    meta = safe_open(grads[0], "pt").metadata()
+    out = tmp_path / "o.safetensors"
+    cases = {
+        "batch": ({**g, "0": g["0"][:, :-1].contiguous()}, meta, "output gradients of shape"),
+        "layer": ({k: v for k, v in g.items() if k != "4"}, meta, "no such tensor"),
+        "vectors": ({**g, "4": torch.cat([g["4"], g["4"]])}, meta, "one batch size"),
+        "fisher": (g, {**meta, "fisher_type": "empirical"}, "as in the other"),
+        "no-meta": (g, None, "the conventions"),
+    }
+    for name, (tensors, m, message) in cases.items():
+        bad = _bad(tmp_path, f"{name}.safetensors", tensors, m)
+        proc = invoke("factors", pt2, acts[0], acts[1], "--grads", grads[1], bad, "-o", out)
+        assert proc.returncode == 1, name
+        assert message in proc.stderr.decode(), (name, proc.stderr)
+        assert not out.exists()
+    proc = invoke(
+        "factors", pt2, acts[0], "--grads", grads[0], "-o", out, "--fisher-type", "type-2"
+    )
+    assert proc.returncode == 1 and b"type-2 (as given)" in proc.stderr
+    proc = invoke("factors", pt2, acts[0], "--grads", grads[0], grads[1], "-o", out)
+    assert proc.returncode == 1 and b"one per activation dump" in proc.stderr
+    proc = invoke("factors", pt2, acts[0], "-o", out, "--fisher-type", "mc")
+    assert proc.returncode == 1 and b"output-gradient dumps" in proc.stderr
+    # Bare gradient files (no metadata) need the conventions as options.
+    bare = _bad(tmp_path, "bare.safetensors", g)
+    proc = invoke("factors", pt2, acts[0], "--grads", bare, "-o", out)
+    assert proc.returncode == 1 and b"fisher_type in the metadata or as an option" in proc.stderr
+    flags = ["--fisher-type", "mc", "--loss-reduction", "mean", "--mc-samples", "2"]
+    assert invoke("factors", pt2, acts[0], "--grads", bare, "-o", out, *flags).returncode == 0
+    ref = tmp_path / "ref.safetensors"
+    assert invoke("factors", pt2, acts[0], "--grads", grads[0], "-o", ref).returncode == 0
+    a, b = load_file(out), load_file(ref)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_zero_samples_nan_and_mixed_models(shards, tmp_path):
+    pt2, acts, grads = shards
+    out = tmp_path / "o.safetensors"
+    empty = _bad(
+        tmp_path,
+        "empty.safetensors",
+        {k: v[:0].contiguous() for k, v in load_file(acts[0]).items()},
+    )
+    proc = invoke("factors", pt2, empty, "-o", out)
+    assert proc.returncode == 1 and b"at least one sample" in proc.stderr
+    nan = load_file(acts[0])
+    nan["0"][0, 0, 0, 0] = float("nan")
+    nan_file = _bad(tmp_path, "nan.safetensors", nan)
+    proc = invoke("factors", pt2, nan_file, "-o", out, "--strict")
+    assert proc.returncode == 1 and b"NaN" in proc.stderr and not out.exists()
+    proc = invoke("factors", pt2, nan_file, "-o", out)
+    assert proc.returncode == 0 and b"NaN" in proc.stderr
+    out.unlink()
+    # factor files of different models or conventions do not merge
+    a = tmp_path / "a.safetensors"
+    _factors(pt2, acts[:1], grads[:1], a)
+    b = tmp_path / "b.safetensors"
+    _factors(pt2, acts[1:2], None, b, "--layer", "0")
+    proc = invoke("factors", "--merge", a, b, "-o", out)
+    assert proc.returncode == 1 and not out.exists()
+    c = tmp_path / "c.safetensors"
+    _factors(pt2, acts[1:2], grads[1:2], c, "--approx", "reduce")
+    proc = invoke("factors", "--merge", a, c, "-o", out)
+    assert proc.returncode == 1 and b"approx" in proc.stderr
+
+
+def test_shared_layer_accumulates_every_call(tmp_path):
+    """A module called twice: both calls' inputs and gradients, as curvlinops sums them."""
+
+    class Twice(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(3, 3)
+            self.out = nn.Linear(3, 2)
+
+        def forward(self, x):
+            return self.out(self.fc(torch.tanh(self.fc(x))))
+
+    torch.manual_seed(5)
+    model = Twice().double()
+    data = [(torch.randn(4, 3, dtype=torch.float64), torch.randint(0, 2, (4,))) for _ in range(2)]
+    loss = nn.CrossEntropyLoss()
+    reference = curvlinops.KFACLinearOperator(
+        model,
+        loss,
+        list(model.parameters()),
+        data,
+        fisher_type="empirical",
+        separate_weight_and_bias=False,
+        check_deterministic=False,
+    )
+    reference.compute_kronecker_factors()
+    got, _, _ = _ours(model, loss, data, tmp_path, "empirical", "expand", False)
+    assert "fc#1" in load_file(tmp_path / "acts-00000.safetensors")
+    for name in ("fc", "out"):
+        torch.testing.assert_close(got[f"{name}.A"], reference._input_covariances[name])
+        torch.testing.assert_close(got[f"{name}.G"], reference._gradient_covariances[name])
+
+
+def test_library_errors_name_no_flags(shards, tmp_path):
+    pt2, acts, _ = shards
+    with pytest.raises(KfacError) as info:
+        run_factors(pt2, [str(acts[0])], str(tmp_path / "o"), fisher_type="mc")
+    assert "--" not in info.value.line()
+    with pytest.raises(KfacError):
+        run_merge([str(pt2)], str(tmp_path / "o"))
+
+
+def test_factors_help_and_summary(shards, tmp_path):
+    pt2, acts, grads = shards
+    proc = run_cli(
+        "factors", pt2, *acts, "--grads", *grads, "-o", tmp_path / "f.safetensors", "--json"
+    )
+    assert proc.returncode == 0, proc.stderr
+    summary = json.loads(proc.stdout)
+    assert summary["num_data"] == 20 and summary["fisher_type"] == "mc"
+    assert {f["name"] for f in summary["factors"]} == {f"{n}.{x}" for n in "024" for x in "AG"}
+    assert math.isclose(summary["factors"][0]["bytes"], 28 * 28 * 4)
