@@ -45,7 +45,7 @@ class RankFailed(KfacError):
 class Ranks:
     """One process: it reads everything, sums alone and writes the output."""
 
-    rank, world = 0, 1
+    rank, world, local_rank = 0, 1, 0
 
     @property
     def writer(self) -> bool:
@@ -140,7 +140,10 @@ class TorchrunRanks(Ranks):
         restart = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
         self.store = dist.PrefixStore(f"kfac-cli/{run}/{restart}/", base)
         backend = "nccl" if device.type == "cuda" else "gloo"
-        dist.init_process_group(
+        if backend == "nccl":
+            torch.cuda.set_device(self.local_rank)
+        self._ask(
+            dist.init_process_group,
             backend,
             store=dist.PrefixStore("pg/", self.store),
             rank=self.rank,
@@ -152,6 +155,7 @@ class TorchrunRanks(Ranks):
         self._beats.start()
         self._last_check = 0.0
         self._seen: dict[int, tuple[int, float]] = {}
+        self._sums = 0
 
     def _beat(self) -> None:
         n = 0
@@ -162,76 +166,86 @@ class TorchrunRanks(Ranks):
             except (RuntimeError, ValueError):
                 return
 
+    def _ask(self, op, *args, **kwargs):
+        """A store or collective operation; a peer or store gone is one clear error."""
+        try:
+            return op(*args, **kwargs)
+        except (RuntimeError, ValueError) as e:
+            found = str(e).splitlines()[0][:100] if str(e) else type(e).__name__
+            raise KfacError(None, "torchrun", "every rank and the store to answer", found) from None
+
     def check(self) -> None:
         now = time.monotonic()
         if now - self._last_check < POLL_SECONDS:
             return
         self._last_check = now
-        if self.store.check(["failed"]):
-            raise RankFailed(self.store.get("failed").decode(errors="replace"))
+        if self._ask(self.store.check, ["failed"]):
+            raise RankFailed(self._ask(self.store.get, "failed").decode(errors="replace"))
 
     def _alive(self, rank: int) -> None:
         """Raise if ``rank``'s heartbeat has not moved for the timeout."""
-        beat = int(self.store.get(f"alive/{rank}")) if self.store.check([f"alive/{rank}"]) else 0
+        key = f"alive/{rank}"
+        beat = int(self._ask(self.store.get, key)) if self._ask(self.store.check, [key]) else 0
         now = time.monotonic()
         last, since = self._seen.get(rank, (-1, now))
         if beat != last:
             self._seen[rank] = (beat, now)
         elif now - since > self.timeout:
-            line = f"rank {rank} stopped responding for {self.timeout:.0f} s"
-            self._claim(line)
             raise KfacError(
                 None, f"rank {rank}", "a rank that responds", f"none for {self.timeout:.0f} s"
             )
 
-    def _claim(self, line: str) -> bool:
-        """Record the first failure; whether this call recorded it."""
-        got = self.store.compare_set("failed", "", line)
-        return got.decode(errors="replace") == line
-
     def fail(self, error: BaseException) -> bool:
         if isinstance(error, RankFailed):
             return False
+        if isinstance(error, KeyboardInterrupt):  # the launcher stops every rank itself
+            self._interrupted = True
+            return True
         line = getattr(error, "line", None)
         text = line() if callable(line) else f"{type(error).__name__}: {error}"
+        text = f"rank {self.rank}: {text}"
         try:
-            return self._claim(f"rank {self.rank}: {text}")
+            return self.store.compare_set("failed", "", text).decode(errors="replace") == text
         except (RuntimeError, ValueError):
             return True
 
     def _wait_all(self, key: str) -> None:
         """Wait until every rank has set ``key/<rank>``, watching failures and heartbeats."""
-        self.store.set(f"{key}/{self.rank}", "1")
+        self._ask(self.store.set, f"{key}/{self.rank}", "1")
         pending = [r for r in range(self.world) if r != self.rank]
         while pending:
             self._last_check = 0.0
             self.check()
-            pending = [r for r in pending if not self.store.check([f"{key}/{r}"])]
+            pending = [r for r in pending if not self._ask(self.store.check, [f"{key}/{r}"])]
             for r in pending:
                 self._alive(r)
             if pending:
                 time.sleep(POLL_SECONDS)
 
     def sum_(self, tensor: torch.Tensor) -> torch.Tensor:
-        self._count = getattr(self, "_count", 0) + 1
-        self._wait_all(f"sum{self._count}")
-        self.dist.all_reduce(tensor)
+        self._sums += 1
+        self._wait_all(f"sum{self._sums}")  # all arrive: the collective itself waits no more
+        self._ask(self.dist.all_reduce, tensor)
         return tensor
 
     def agree(self) -> None:
         self._wait_all("done")
 
     def publish(self) -> None:
-        self.store.set("written", "1")
+        self._ask(self.store.set, "written", "1")
+        self._wait_all("seen")  # the store may live in this process: stay until all know
 
     def await_writer(self) -> None:
-        while not self.store.check(["written"]):
+        while not self._ask(self.store.check, ["written"]):
             self._last_check = 0.0
             self.check()
             self._alive(0)
             time.sleep(POLL_SECONDS)
+        self._ask(self.store.set, f"seen/{self.rank}", "1")
 
     def close(self) -> None:
         self._stop.set()
+        if getattr(self, "_interrupted", False):
+            return  # its peers and store may be gone: nothing to wait for
         with contextlib.suppress(RuntimeError, ValueError, AssertionError):
             self.dist.destroy_process_group()

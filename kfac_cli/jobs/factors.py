@@ -209,6 +209,8 @@ def run_factors(
     from kfac_cli.jobs.devices import resolve_device
 
     ranks = ranks_from_env(resolve_device(device), timeout)
+    if ranks.world > 1 and device in ("cuda", "auto") and resolve_device(device).type == "cuda":
+        device = f"cuda:{ranks.local_rank}"  # one GPU per rank
     try:
         return _run(
             ranks,

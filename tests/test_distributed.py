@@ -1,0 +1,169 @@
+"""`kfac-cli factors` on torchrun ranks (gloo, CPU): same result as one process, and
+failures that fail every rank, promptly, with one line and no output."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import struct
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from kfac_cli.record import record
+from tests.conftest import invoke, kfac_cli_exe
+
+# Measured bound of the float32 difference from one process (summation order only).
+RANK_RTOL = 1e-6
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("dist")
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Conv2d(3, 6, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(6 * 8 * 8, 4)
+    )
+    data = [(torch.randn(5, 3, 8, 8), torch.randint(0, 4, (5,))) for _ in range(7)]
+    pairs = record(model, data, nn.CrossEntropyLoss(), folder, fisher_type="empirical")
+    pt2 = folder / "model.pt2"
+    torch.export.save(torch.export.export(model, (data[0][0],)), pt2)
+    return pt2, [a for a, _ in pairs], [g for _, g in pairs]
+
+
+def _port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def torchrun(*args, script=("-m", "kfac_cli"), timeout=240):
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc-per-node",
+        "2",
+        "--master-port",
+        str(_port()),
+        *script,
+        *map(str, args),
+    ]
+    env = {**os.environ, "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1"}
+    return subprocess.run(cmd, capture_output=True, timeout=timeout, env=env)
+
+
+def _header(path: Path) -> bytes:
+    with open(path, "rb") as f:
+        (n,) = struct.unpack("<Q", f.read(8))
+        return f.read(n)
+
+
+def _our_lines(stderr: bytes) -> list[str]:
+    """kfac-cli's own stderr lines (torchrun adds its banner and failure report), and no
+    traceback through kfac-cli's code."""
+    text = stderr.decode(errors="replace")
+    assert "kfac_cli/" not in text and "internal error" not in text, text[-2000:]
+    return [line for line in text.splitlines() if line.startswith(("Error:", "Hint:", "Warning:"))]
+
+
+@pytest.mark.parametrize(
+    "count,approx,with_grads",
+    [(1, "expand", True), (2, "reduce", False), (3, "expand", False), (7, "reduce", True)],
+    ids=["1-shard-rows", "2-shards", "3-shards", "7-shards"],
+)
+def test_ranks_equal_one_process(shards, tmp_path, count, approx, with_grads):
+    pt2, acts, grads = shards
+    args = [pt2, *acts[:count], "--approx", approx]
+    if with_grads:
+        args += ["--grads", *grads[:count]]
+    single = tmp_path / "single.safetensors"
+    assert invoke("factors", *args, "-o", single).returncode == 0
+    out = tmp_path / "ranks.safetensors"
+    script = ("-m", "kfac_cli") if count != 7 else (kfac_cli_exe()[0],)  # the console script
+    proc = torchrun("factors", *args, "-o", out, "--json", script=script)
+    assert proc.returncode == 0, proc.stderr.decode()[-2000:]
+    assert _our_lines(proc.stderr) == []
+    summaries = [line for line in proc.stdout.decode().splitlines() if line.startswith("{")]
+    assert len(summaries) == 1 and f'"num_data": {5 * count}' in summaries[0]
+    assert _header(out) == _header(single)  # same shapes, counts and metadata, to the byte
+    a, b = load_file(single), load_file(out)
+    for key in a:
+        torch.testing.assert_close(
+            b[key], a[key], rtol=RANK_RTOL, atol=RANK_RTOL * a[key].abs().max()
+        )
+        assert torch.equal(b[key], b[key].T)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ranks.safetensors", "single.safetensors"]
+
+
+def test_a_bad_shard_on_one_rank_fails_every_rank(shards, tmp_path):
+    pt2, acts, _ = shards
+    x = load_file(acts[1])
+    x["3"][0, 0] = float("nan")  # only rank 1 reads this file
+    bad = tmp_path / "nan.safetensors"
+    save_file(x, bad)
+    out = tmp_path / "out.safetensors"
+    start = time.monotonic()
+    proc = torchrun("factors", pt2, acts[0], bad, "-o", out, "--strict")
+    assert proc.returncode != 0
+    lines = _our_lines(proc.stderr)
+    assert len(lines) == 1 and lines[0].startswith(f"Error: {bad}: 3: expected finite"), lines
+    assert not out.exists() and list(tmp_path.iterdir()) == [bad]
+    assert time.monotonic() - start < 60
+
+
+def _opened(pid: int, name: str) -> bool:
+    try:
+        return any(
+            os.readlink(f"/proc/{pid}/fd/{fd}").endswith(name)
+            for fd in os.listdir(f"/proc/{pid}/fd")
+        )
+    except OSError:
+        return False
+
+
+@pytest.mark.skipif(not Path("/proc/self/fd").exists(), reason="needs /proc")
+def test_a_dead_rank_does_not_leave_the_others_waiting(shards, tmp_path):
+    """Ranks started by hand (no torchrun agent to clean up): rank 1 is killed once it has
+    joined and opened its inputs; rank 0 notices within the timeout and fails with one
+    line, writing nothing."""
+    pt2, acts, _ = shards
+    big = tmp_path / "big.safetensors"
+    save_file({"0": torch.randn(60000, 3, 8, 8), "3": torch.randn(60000, 384)}, big)
+    out = tmp_path / "out.safetensors"
+    port = _port()
+    procs = []
+    for rank in (0, 1):
+        env = {
+            **os.environ,
+            "RANK": str(rank),
+            "LOCAL_RANK": str(rank),
+            "WORLD_SIZE": "2",
+            "MASTER_ADDR": "127.0.0.1",
+            "MASTER_PORT": str(port),
+            "PYTHONWARNINGS": "ignore",
+            "TORCH_CPP_LOG_LEVEL": "ERROR",
+        }
+        cmd = [*kfac_cli_exe(), "factors", str(pt2), str(acts[0]), str(big), "-o", str(out)]
+        procs.append(subprocess.Popen([*cmd, "--timeout", "3"], env=env, stderr=subprocess.PIPE))
+    deadline = time.monotonic() + 120
+    while not _opened(procs[1].pid, "big.safetensors") and time.monotonic() < deadline:
+        assert procs[1].poll() is None, procs[1].stderr.read()
+        time.sleep(0.01)
+    procs[1].send_signal(signal.SIGKILL)
+    procs[1].communicate()
+    start = time.monotonic()
+    _, stderr = procs[0].communicate(timeout=60)
+    waited = time.monotonic() - start
+    assert procs[0].returncode == 1, stderr
+    lines = _our_lines(stderr)
+    assert len(lines) == 1 and "rank 1" in lines[0] and "3 s" in lines[0], lines
+    assert waited < 30
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["big.safetensors"]
