@@ -707,6 +707,8 @@ def factors(
         if len(inputs) < 2:
             raise typer.BadParameter("expected MODEL ACTS...", param_hint="inputs")
         _check_model(inputs[0])
+    if [*inputs, *(grads or [])].count("-") > 1:
+        raise typer.BadParameter("at most one input may be '-' (stdin)", param_hint="inputs")
 
     def make(reporter):
         from kfac_cli.jobs.factors import run_factors, run_merge

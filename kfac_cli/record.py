@@ -203,9 +203,11 @@ def record(
                 generator = torch.Generator(device=rows.device)
                 generator.manual_seed(seed)
             vectors = _backpropagate(rows, target, loss_func, fisher, mc_samples, generator, params)
-            grads = {k: torch.stack(g) for k, g in recorder.grads.items()}
-            for key, x_in in recorder.inputs.items():  # a layer the loss does not reach
-                if key not in grads:
+            grads = {}  # in the order of the forward pass, as the activations
+            for key, x_in in recorder.inputs.items():
+                if key in recorder.grads:
+                    grads[key] = torch.stack(recorder.grads[key])
+                else:  # a layer the loss does not reach
                     shape = (vectors, batch, *_output_shape(key, recorder, x_in))
                     grads[key] = x_in.new_zeros(shape)
             meta = {

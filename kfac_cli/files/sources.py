@@ -14,6 +14,7 @@ order that reads each byte once), ``expect`` and ``finish``, which are no-ops el
 
 from __future__ import annotations
 
+import hashlib
 import json
 from collections.abc import Iterable
 from pathlib import Path
@@ -24,6 +25,7 @@ from torch import Tensor
 from kfac_cli.errors import KfacError
 from kfac_cli.files.inputs import display_name, open_input, open_readable
 from kfac_cli.files.safetensors import (
+    DTYPE_NAMES,
     MAX_HEADER_BYTES,
     SafetensorsFile,
     TensorInfo,
@@ -206,3 +208,15 @@ def open_tensors(path: Path | str, stream_ok: bool = True) -> Tensors:
     if Path(path).suffix.lower() in SUFFIXES:
         return DictSource(path)
     return TensorSource(path)
+
+
+def fingerprint(src: Tensors) -> str:
+    """``sha256:<hex>`` of what a tensor file declares: its metadata and each tensor's name,
+    dtype and shape. The same for a file, a stream of it, or a sharded set of the same
+    tensors, so an output records what it was made from, not how it was fed."""
+    desc = {
+        "metadata": src.metadata,
+        "tensors": {k: [DTYPE_NAMES[i.dtype], list(i.shape)] for k, i in sorted(src.infos.items())},
+    }
+    raw = json.dumps(desc, sort_keys=True, separators=(",", ":")).encode()
+    return f"sha256:{hashlib.sha256(raw).hexdigest()}"

@@ -20,7 +20,7 @@ import torch
 
 from kfac_cli.errors import KfacError
 from kfac_cli.files.safetensors import DTYPE_NAMES, DTYPES
-from kfac_cli.files.sources import Tensors, open_tensors
+from kfac_cli.files.sources import Tensors, fingerprint, open_tensors
 from kfac_cli.jobs.pipeline import BufferPool, Prefetcher, view
 from kfac_cli.jobs.skeleton import CPU, Job, Plan, Reporter, chunks, near, order
 from kfac_cli.models.load import load_layer_table
@@ -181,7 +181,7 @@ def run_canonicalize(
             columns=columns,
             batch_first=batch_first,
             model=str(model),
-            tensors=str(src.path),
+            tensors=fingerprint(src),
             blocks=[p.meta for p in plans],
             parameters=[
                 {"name": n, "shape": list(shapes[n]), "dtype": DTYPE_NAMES[src.infos[n].dtype]}
@@ -404,7 +404,7 @@ def run_uncanonicalize(
             "kfac-cli/parameters",
             columns=opts["columns"],
             batch_first=opts["batch_first"],
-            canonical=str(src.path),
+            canonical=fingerprint(src),
         )
         group_of = {n: (k, g) for k, g in blocks for n in g.names}
         if src.sequential:  # block by block as they arrive, weight before bias

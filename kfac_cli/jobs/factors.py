@@ -16,7 +16,7 @@ import torch
 
 from kfac_cli.enums import FisherType, KFACType, LossReduction
 from kfac_cli.errors import KfacError
-from kfac_cli.files.sources import Tensors, open_tensors
+from kfac_cli.files.sources import Tensors, fingerprint, open_tensors
 from kfac_cli.jobs.distributed import RankFailed, Ranks, ranks_from_env
 from kfac_cli.jobs.patches import check_input, layer_meta, select_keys
 from kfac_cli.jobs.pipeline import BufferPool, Prefetcher
@@ -327,8 +327,8 @@ def _run(
             dtype=str(job.cast).removeprefix("torch."),
             eigh=eigh,
             model=str(model),
-            activations=[str(s.path) for s in acts],
-            grads=[str(s.path) for s in grad_srcs],
+            activations=[fingerprint(s) for s in acts],
+            grads=[fingerprint(s) for s in grad_srcs],
             layers={w.layer.name: _layer_meta(w, acts, separate_bias, forward_only) for w in works},
         )
         units = ranks.share(batches)

@@ -10,7 +10,7 @@ import torch
 from kfac_cli.enums import KFACType
 from kfac_cli.errors import KfacError
 from kfac_cli.files.safetensors import DTYPE_NAMES
-from kfac_cli.files.sources import Tensors, open_tensors
+from kfac_cli.files.sources import Tensors, fingerprint, open_tensors
 from kfac_cli.jobs.pipeline import BufferPool, Prefetcher, shares_memory, view
 from kfac_cli.jobs.skeleton import (
     CPU,
@@ -85,7 +85,7 @@ def run_patches(
             approx=approx.value,
             bias_column=bias_column,
             model=str(model),
-            activations=str(src.path),
+            activations=fingerprint(src),
             layers={p.key: p.meta for p in plans},
         )
         ordered = plans if src.sequential else order(plans)
