@@ -1,4 +1,5 @@
-"""A picture of one layer's KFAC input factor: heat map of A and its eigenvalue spectrum.
+"""A picture of one layer's KFAC input factor: heat map of A and its eigenvalue spectrum,
+both from `kfac-cli factors --eigh` (forward-only: no gradients needed).
 
 Needs matplotlib (an optional extra: pip install -e '.[plot]'); without it the script says
 so and exits 0.
@@ -13,11 +14,13 @@ import sys
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import nn
 
+from kfac_cli.record import record
+
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from record_activations import kfac_cli, record_activations
+from record_activations import kfac_cli
 
 
 def main(folder: Path) -> None:
@@ -34,28 +37,15 @@ def main(folder: Path) -> None:
     model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 8, 3)).eval()
     x = torch.randn(32, 3, 16, 16)
     torch.export.save(torch.export.export(model, (x,)), folder / "model.pt2")
-    save_file(record_activations(model, x), folder / "acts.safetensors")
-    subprocess.run(
-        [
-            *kfac_cli(),
-            "patches",
-            folder / "model.pt2",
-            folder / "acts.safetensors",
-            "-o",
-            folder / "patches.safetensors",
-            "--layer",
-            "2",
-            "--bias-column",
-            "--force",
-            "-q",
-        ],
-        check=True,
+    [(acts, _)] = record(
+        model, [(x, None)], nn.MSELoss(), folder, fisher_type="forward-only", force=True
     )
-    a = load_file(folder / "patches.safetensors")["2"].double()  # [B, O, 8*3*3 + 1]
-    rows = a.reshape(-1, a.shape[-1])
-    factor = rows.T @ rows / rows.shape[0]  # A = sum a^T a / N
-    eig = torch.linalg.eigvalsh(factor).flip(0)
-    assert torch.allclose(factor, factor.T) and eig.min() > -1e-10  # symmetric PSD
+    out = folder / "factors.safetensors"
+    cmd = ["factors", folder / "model.pt2", acts, "-o", out, "--layer", "2", "--eigh"]
+    subprocess.run([*kfac_cli(), *cmd, "--force", "-q"], check=True)
+    f = load_file(out)
+    factor, eig = f["2.A"].double(), f["2.A.eigenvalues"].double().flip(0)
+    assert torch.equal(factor, factor.T) and eig.min() > -1e-5  # symmetric PSD
 
     fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4.2))
     im = left.imshow(

@@ -1,11 +1,13 @@
-"""Record an activation dump from your own model: forward hooks -> safetensors.
+"""Record activation and output-gradient dumps from your own model with kfac_cli.record.
 
-The keys are the module paths of the Linear and Conv1d/2d/3d layers, exactly the names
-`kfac-cli layers` shows; each value is that layer's input ``[B, C_in, *spatial]`` (conv)
-or ``[B, ..., d_in]`` (linear). Run it to write ``model.pt2`` and ``acts.safetensors``
-into a folder (default: ./kfac-example) and check the dump against the layer table.
+`record(model, batches, loss_func, folder, fisher_type=...)` runs the model with forward
+hooks on its Linear and Conv1d/2d/3d layers and writes, per batch, `acts-NNNNN.safetensors`
+(each layer's input, keyed by module name: the names `kfac-cli layers` shows) and
+`grads-NNNNN.safetensors` (the gradients w.r.t. each layer's output of the vectors KFAC
+backpropagates, exactly as curvlinops would). This script records a small CNN, exports it,
+checks the dump's keys against the layer table and computes the Kronecker factors.
 
-    $ python examples/record_activations.py [FOLDER]
+    $ python examples/record_activations.py [FOLDER]     # default: ./kfac-example
 """
 
 from __future__ import annotations
@@ -16,34 +18,10 @@ import sys
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
+from safetensors.torch import load_file
 from torch import nn
 
-KFAC_LAYERS = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
-
-
-def record_activations(model: nn.Module, *inputs: torch.Tensor) -> dict[str, torch.Tensor]:
-    """Run ``model`` once and return each KFAC layer's input, keyed by module path."""
-    acts: dict[str, torch.Tensor] = {}
-
-    def hook(name):
-        def save(module, args, output):
-            acts[name] = args[0].detach().contiguous().clone()
-
-        return save
-
-    handles = [
-        m.register_forward_hook(hook(n))
-        for n, m in model.named_modules()
-        if isinstance(m, KFAC_LAYERS)
-    ]
-    try:
-        with torch.no_grad():
-            model(*inputs)
-    finally:
-        for h in handles:
-            h.remove()
-    return acts
+from kfac_cli.record import record
 
 
 def kfac_cli() -> list[str]:
@@ -57,11 +35,12 @@ def main(folder: Path) -> None:
     torch.manual_seed(0)
     model = nn.Sequential(
         nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(8 * 8 * 8, 10)
-    ).eval()
-    x = torch.randn(4, 3, 8, 8)
-    torch.export.save(torch.export.export(model, (x,)), folder / "model.pt2")
-    acts = record_activations(model, x)
-    save_file(acts, folder / "acts.safetensors")
+    )
+    batches = [(torch.randn(4, 3, 8, 8), torch.randint(0, 10, (4,))) for _ in range(3)]
+    torch.export.save(torch.export.export(model, (batches[0][0],)), folder / "model.pt2")
+    dumps = record(
+        model, batches, nn.CrossEntropyLoss(), folder, fisher_type="mc", mc_samples=2, force=True
+    )
 
     table = json.loads(
         subprocess.run(
@@ -69,11 +48,30 @@ def main(folder: Path) -> None:
         ).stdout
     )
     names = [layer["name"] for layer in table["layers"]]
-    assert sorted(acts) == sorted(names), (sorted(acts), names)
+    acts, grads = load_file(dumps[0][0]), load_file(dumps[0][1])
+    assert sorted(acts) == sorted(grads) == sorted(names), (sorted(acts), names)
+    assert grads["0"].shape == (2, 4, 8, 8, 8)  # [V = mc samples, B, C_out, H, W]
+    subprocess.run(
+        [
+            *kfac_cli(),
+            "factors",
+            folder / "model.pt2",
+            *[a for a, _ in dumps],
+            "--grads",
+            *[g for _, g in dumps],
+            "-o",
+            folder / "factors.safetensors",
+            "--force",
+            "-q",
+        ],
+        check=True,
+    )
+    factors = load_file(folder / "factors.safetensors")
     print(
-        f"wrote {folder / 'acts.safetensors'}: "
+        f"wrote {len(dumps)} activation and gradient dumps to {folder}: "
         + ", ".join(f"{k} {list(v.shape)}" for k, v in acts.items())
     )
+    print("factors: " + ", ".join(f"{k} {list(v.shape)}" for k, v in factors.items()))
     print("check passed: the dump's keys are the layer names of `kfac-cli layers`")
 
 

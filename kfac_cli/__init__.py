@@ -1,6 +1,6 @@
 """kfac-cli: KFAC curvature preprocessing from the shell.
 
-The public Python API (imported lazily, so that ``import kfac_cli`` and ``kfac-cli --help``
+The public Python API (imported lazily, so that ``import kfac_cli`` and the command line's help
 do not import torch):
 
 - :func:`extract_patches`, :func:`extract_averaged_patches` (KFAC-expand / -reduce inputs),

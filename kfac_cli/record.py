@@ -21,7 +21,9 @@ Example::
 
     from kfac_cli.record import record
     record(model, loader, torch.nn.CrossEntropyLoss(), "dumps", fisher_type="mc")
-    # $ kfac-cli factors model.pt2 dumps/acts-*.safetensors --grads dumps/grads-*.safetensors -o F
+
+and ``kfac-cli factors`` (or :func:`kfac_cli.jobs.factors.run_factors`) turns the dumps into
+Kronecker factors.
 """
 
 from __future__ import annotations

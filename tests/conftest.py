@@ -42,7 +42,7 @@ def run_cli(*args: object, check: bool = False, env: dict | None = None, **kw):
     return proc
 
 
-def invoke(*args: object):
+def invoke(*args: object, check: bool = False):
     """Run the CLI in-process (fast); same result fields as :func:`run_cli`."""
     from types import SimpleNamespace
 
@@ -51,4 +51,6 @@ def invoke(*args: object):
     from kfac_cli.cli import app, spread_options
 
     r = CliRunner().invoke(app, spread_options([str(a) for a in args]))
+    if check and r.exit_code != 0:
+        raise AssertionError(f"kfac-cli {args} exited {r.exit_code}:\n{r.stderr}")
     return SimpleNamespace(returncode=r.exit_code, stdout=r.stdout_bytes, stderr=r.stderr_bytes)

@@ -325,7 +325,7 @@ def test_partial_extra_and_misshapen_tensors_are_errors(cnn, tmp_path):
             t["head.weight"] = torch.randn(5, 13)
         bad = tmp_path / f"{change}.safetensors"
         save_file(t, bad)
-        proc = run_cli("canonicalize", files["pt2"], bad, "-o", out)
+        proc = invoke("canonicalize", files["pt2"], bad, "-o", out)
         assert proc.returncode == 1, change
         lines = proc.stderr.decode().strip().splitlines()
         assert lines[0].startswith(f"Error: {bad}: head."), lines
@@ -337,10 +337,10 @@ def proc_half_layer_stderr(files, tmp_path, tensors) -> str:
     t = {k: v for k, v in tensors.items() if k != "head.bias"}
     bad = tmp_path / "half.safetensors"
     save_file(t, bad)
-    proc = run_cli("canonicalize", files["pt2"], bad, "-o", tmp_path / "h.safetensors")
+    proc = invoke("canonicalize", files["pt2"], bad, "-o", tmp_path / "h.safetensors")
     assert proc.returncode == 1
     out = tmp_path / "sep.safetensors"
-    ok = run_cli("canonicalize", files["pt2"], bad, "-o", out, "--separate-bias")
+    ok = invoke("canonicalize", files["pt2"], bad, "-o", out, "--separate-bias")
     assert ok.returncode == 0, ok.stderr
     assert "head.weight" in load_file(out) and "head.bias" not in load_file(out)
     return proc.stderr.decode()
@@ -350,7 +350,7 @@ def test_inverse_refuses_edited_metadata(cnn, tmp_path):
     model, files = cnn
     params, _ = _param_file(model, tmp_path)
     canon = tmp_path / "c.safetensors"
-    run_cli("canonicalize", files["pt2"], params, "-o", canon, check=True)
+    invoke("canonicalize", files["pt2"], params, "-o", canon, check=True)
     blocks = load_file(canon)
     with safe_open(canon, framework="pt") as f:
         meta = f.metadata()
@@ -360,14 +360,14 @@ def test_inverse_refuses_edited_metadata(cnn, tmp_path):
     edited_meta["parameters"] = json.dumps(shapes)
     bad = tmp_path / "edited.safetensors"
     save_file(blocks, bad, metadata=edited_meta)
-    proc = run_cli("canonicalize", "--inverse", bad, "-o", tmp_path / "out.safetensors")
+    proc = invoke("canonicalize", "--inverse", bad, "-o", tmp_path / "out.safetensors")
     assert proc.returncode == 1 and b"expected a block of shape" in proc.stderr
     assert not (tmp_path / "out.safetensors").exists()
-    proc = run_cli("canonicalize", "--inverse", files["pt2"], canon, "-o", tmp_path / "o2")
+    proc = invoke("canonicalize", "--inverse", files["pt2"], canon, "-o", tmp_path / "o2")
     assert proc.returncode == 0, proc.stderr
     other = tmp_path / "other.pt2"
     torch.export.save(torch.export.export(MLPStack(), (torch.randn(1, 2, 12),)), other)
-    proc = run_cli("canonicalize", "--inverse", other, canon, "-o", tmp_path / "o3")
+    proc = invoke("canonicalize", "--inverse", other, canon, "-o", tmp_path / "o3")
     assert proc.returncode == 1 and b"expected the parameters of" in proc.stderr
 
 

@@ -14,7 +14,7 @@ from kfac_cli.cli import app
 from tests.conftest import ROOT
 
 README = (ROOT / "README.md").read_text()
-COMMANDS = ["layers", "patches", "canonicalize"]
+COMMANDS = ["layers", "patches", "canonicalize", "factors"]
 
 
 def help_text(command: str) -> str:
@@ -46,7 +46,7 @@ def test_every_command_help_is_a_manual(command):
 
 def test_ci_runs_readme_test_command():
     ci = (ROOT / ".ci" / "run").read_text()
-    command = re.search(r"^python3 -m venv .*pytest$", ci, flags=re.MULTILINE).group(0)
+    command = re.search(r"^python3 -m venv .*pytest.*$", ci, flags=re.MULTILINE).group(0)
     assert f"```sh\n{command}\n```" in README
 
 
@@ -72,9 +72,10 @@ def test_example_runs_and_checks_itself(script, tmp_path):
     assert "passed" in proc.stdout
 
 
-def test_shell_pipeline_example(tmp_path):
+@pytest.mark.parametrize("script", ["pipeline.sh", "distributed.sh"])
+def test_shell_example(tmp_path, script):
     proc = subprocess.run(
-        ["bash", str(ROOT / "examples" / "pipeline.sh"), str(tmp_path)],
+        ["bash", str(ROOT / "examples" / script), str(tmp_path)],
         capture_output=True,
         text=True,
         timeout=300,

@@ -26,7 +26,7 @@ def _export(model, inputs, folder):
     acts = folder / "acts.safetensors"
     save_file(hook_dump(model, *inputs), acts)
     spec = folder / "spec.json"
-    spec.write_bytes(run_cli("layers", pt2, "--json", check=True).stdout)
+    spec.write_bytes(invoke("layers", pt2, "--json", check=True).stdout)
     return pt2, acts, spec
 
 
@@ -78,7 +78,7 @@ def test_tied_head_is_named_after_the_module_that_calls_it(gpt):
 @pytest.mark.parametrize("approx", ["expand", "reduce"])
 def test_hook_dump_of_a_tied_model_needs_no_flags(gpt, tmp_path, approx):
     out = tmp_path / "p.safetensors"
-    run_cli("patches", gpt["pt2"], gpt["acts"], "-o", out, "--approx", approx, check=True)
+    invoke("patches", gpt["pt2"], gpt["acts"], "-o", out, "--approx", approx, check=True)
     got, acts = load_file(out), load_file(gpt["acts"])
     table = load_layer_table(gpt["pt2"])
     assert set(got) == set(acts) == {"fc", "proj", "lm_head"}
@@ -96,8 +96,8 @@ def test_state_dicts_with_tied_keys_and_a_spec_give_the_exported_table(gpt, tmp_
     for field in ("layers", "parameters", "untreated", "untreated_layers", "aliases"):
         assert from_state[field] == exported[field], field
     a, b = tmp_path / "a.safetensors", tmp_path / "b.safetensors"
-    run_cli("patches", gpt["pt2"], gpt["acts"], "-o", a, check=True)
-    run_cli("patches", gpt[state], gpt["acts"], "--spec", gpt["spec"], "-o", b, check=True)
+    invoke("patches", gpt["pt2"], gpt["acts"], "-o", a, check=True)
+    invoke("patches", gpt[state], gpt["acts"], "--spec", gpt["spec"], "-o", b, check=True)
     ta, tb = load_file(a), load_file(b)
     assert ta.keys() == tb.keys() and all(torch.equal(ta[k], tb[k]) for k in ta)
 
@@ -111,9 +111,9 @@ def test_a_tied_state_dict_without_spec_is_one_parameter(gpt):
 def _round_trip(model, tensors, tmp_path, *flags):
     tmp_path.mkdir(parents=True, exist_ok=True)
     canon, back = tmp_path / "c.safetensors", tmp_path / "back.safetensors"
-    proc = run_cli("canonicalize", model, tensors, "-o", canon, *flags)
+    proc = invoke("canonicalize", model, tensors, "-o", canon, *flags)
     assert proc.returncode == 0, proc.stderr
-    run_cli("canonicalize", "--inverse", canon, "-o", back, check=True)
+    invoke("canonicalize", "--inverse", canon, "-o", back, check=True)
     return canon, back
 
 
@@ -171,18 +171,18 @@ def test_computed_and_transposed_layers_are_listed_with_the_reason(computed):
     assert "computed by aten.div" in reasons["stem"] and "stem.weight" in reasons["stem"]
     assert "aten._weight_norm" in reasons["pos"] and "original0" in reasons["pos"]
     assert "transposed convolution" in reasons["up"]
-    text = run_cli("layers", computed["pt2"], check=True).stdout.decode()
+    text = invoke("layers", computed["pt2"], check=True).stdout.decode()
     assert "Layers KFAC cannot treat:" in text and "aten._weight_norm" in text
 
 
 def test_a_dump_with_untreatable_layers_says_why(computed, tmp_path):
     out = tmp_path / "p.safetensors"
-    proc = run_cli("patches", computed["pt2"], computed["acts"], "-o", out)
+    proc = invoke("patches", computed["pt2"], computed["acts"], "-o", out)
     lines = proc.stderr.decode().strip().splitlines()
     assert proc.returncode == 1 and len(lines) == 1 and not out.exists()
     assert "expected a layer KFAC treats but found" in lines[0]
     assert "computed by" in lines[0] and "--ignore-unknown" in lines[0]
-    proc = run_cli("patches", computed["pt2"], computed["acts"], "-o", out, "--ignore-unknown")
+    proc = invoke("patches", computed["pt2"], computed["acts"], "-o", out, "--ignore-unknown")
     assert proc.returncode == 0, proc.stderr
     assert set(load_file(out)) == {"conv", "head"}
     warnings = proc.stderr.decode()

@@ -32,7 +32,7 @@ def resolve_device(name: str) -> torch.device:
         if device.index is not None and device.index >= torch.cuda.device_count():
             raise KfacError(
                 None,
-                "--device",
+                "device",
                 f"an available {name}",
                 f"{torch.cuda.device_count()} CUDA device(s)",
             )

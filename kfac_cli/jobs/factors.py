@@ -208,6 +208,8 @@ def run_factors(
     """
     from kfac_cli.jobs.devices import resolve_device
 
+    if dtype not in ("float32", "float64"):
+        raise KfacError(None, "dtype", "float32 or float64 to accumulate factors in", dtype)
     ranks = ranks_from_env(resolve_device(device), timeout)
     if ranks.world > 1 and device in ("cuda", "auto") and resolve_device(device).type == "cuda":
         device = f"cuda:{ranks.local_rank}"  # one GPU per rank
