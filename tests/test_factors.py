@@ -16,7 +16,7 @@ from torch import nn
 from kfac_cli.errors import KfacError
 from kfac_cli.jobs.factors import run_factors, run_merge
 from kfac_cli.ops.conv import ConvParams
-from kfac_cli.ops.factors import conv_covariance, input_covariance, mirror
+from kfac_cli.ops.factors import conv_covariance, input_covariance, mirror_
 from kfac_cli.ops.patches import conv_patches
 from kfac_cli.record import record
 from tests.conftest import DEVICES, invoke, run_cli
@@ -286,7 +286,7 @@ def test_gram_is_the_symmetric_product(device):
     from kfac_cli.ops.factors import gram
 
     p = torch.randn(300, 700, dtype=torch.float64, device=device)
-    torch.testing.assert_close(mirror(gram(p)), p.T @ p, rtol=1e-12, atol=1e-10)
+    torch.testing.assert_close(mirror_(gram(p)), p.T @ p, rtol=1e-12, atol=1e-10)
 
 
 # ----------------------------------------------------------------------------- files

@@ -28,7 +28,7 @@ from kfac_cli.ops.factors import (
     input_covariance,
     locations,
     loss_correction,
-    mirror,
+    mirror_,
 )
 
 FORMAT = "kfac-cli/factors"
@@ -344,6 +344,7 @@ def _run(
                     metadata,
                     accumulate.produce,
                     before_commit=lambda: _finish(acts + grad_srcs, ranks),
+                    background=False,  # one layer's factors in memory at a time
                 )
                 ranks.publish()
             else:
@@ -547,17 +548,22 @@ class _Accumulator:
         put(plan.key, self.done.pop(plan.key).to(CPU, self.dtype))
 
     def _layer(self, w: Work) -> None:
-        """Sum, combine over ranks, scale, symmetrise (and decompose) one layer's factors."""
+        """Sum, combine over ranks, scale, symmetrise (and decompose) one layer's factors.
+
+        One buffer holds both sums (one collective per layer); they are added in place,
+        scaled in place and mirrored in place: no temporary of a factor's size."""
         device = self.stage.device
-        a_sum = torch.zeros(w.d, w.d, dtype=self.dtype, device=device)
+        sizes = [w.d] + ([w.c_out] if self.grads else [])
+        flat = torch.zeros(sum(n * n for n in sizes), dtype=self.dtype, device=device)
+        a_sum = flat[: w.d * w.d].view(w.d, w.d)
         bias = w.layer.bias is not None and not self.separate_bias
         for src, key, info, (_, a, b) in self._inputs(w, grads=False):
             x = self._next(src, key, (b - a, *info.shape[1:]))
             o = 1 if self.approx is KFACType.REDUCE else locations(info.shape, w.layer.conv)
-            a_sum.add_(input_covariance(x, w.layer.conv, self.approx, bias), alpha=1.0 / o)
-        sums = [a_sum]
+            input_covariance(x, w.layer.conv, self.approx, bias, out=a_sum, alpha=1.0 / o)
+        factors = {"A": a_sum}
         if self.grads:
-            g_sum = torch.zeros(w.c_out, w.c_out, dtype=self.dtype, device=device)
+            g_sum = flat[w.d * w.d :].view(w.c_out, w.c_out)
             for src, key, info, (_, a, b) in self._inputs(w, grads=True):
                 g = self._next(src, key, (1, b - a, *info.shape[2:]))
                 c = loss_correction(
@@ -567,19 +573,16 @@ class _Accumulator:
                     self.n,
                     self.conv.mc_samples,
                 )
-                g_sum.add_(gradient_covariance(g, w.layer.conv is not None, self.approx), alpha=c)
-            sums.append(g_sum)
+                gradient_covariance(g, w.layer.conv is not None, self.approx, out=g_sum, alpha=c)
+            factors["G"] = g_sum
         for src in self.acts + self.grads:
             for key in w.keys:
                 self.finite[id(src)].report(key, math.prod(src.infos[key].shape))
-        flat = self.ranks.sum_(torch.cat([s.flatten() for s in sums]))
-        a_sum = flat[: w.d * w.d].view(w.d, w.d)
-        factors = {"A": mirror(a_sum / self.n)}
-        if self.grads:
-            factors["G"] = mirror(flat[w.d * w.d :].view(w.c_out, w.c_out))
+        self.ranks.sum_(flat)
+        a_sum.div_(self.n)
         for name, value in factors.items():
             key = f"{w.layer.name}.{name}"
-            self.done[key] = value
+            self.done[key] = mirror_(value)
             if self.eigh:
                 vals, vecs = torch.linalg.eigh(value.double())
                 self.done[f"{key}.eigenvalues"] = vals
@@ -704,7 +707,7 @@ def run_merge(
                     value = src.read(base).double()
                     average = base.endswith(".A") or weighted
                     total += value * (meta["num_data"] / n if average else 1.0)
-                done[base] = mirror(total)
+                done[base] = mirror_(total)
                 if eigh:
                     vals, vecs = torch.linalg.eigh(done[base])
                     done[f"{base}.eigenvalues"], done[f"{base}.eigenvectors"] = vals, vecs

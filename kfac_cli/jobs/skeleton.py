@@ -24,7 +24,7 @@ from kfac_cli.errors import KfacError
 from kfac_cli.files.output import atomic_output, check_target
 from kfac_cli.files.writer import SafetensorsWriter
 from kfac_cli.jobs.devices import resolve_device, resolve_dtype
-from kfac_cli.jobs.pipeline import BackgroundWriter, DeviceStage
+from kfac_cli.jobs.pipeline import BackgroundWriter, DeviceStage, InlineWriter
 
 LAYOUT_VERSION = "1"
 CHUNK_BYTES = 8 * 2**20  # output bytes per batch chunk: large enough to amortise, small enough
@@ -110,26 +110,28 @@ class Job:
         metadata: dict[str, str],
         produce: Callable[[Plan, Callable], None],
         before_commit: Callable[[], None] = lambda: None,
+        background: bool = True,
     ) -> int:
         """Stream every plan's tensor into the output, atomically; the bytes written.
 
         ``produce(plan, put)`` computes a plan's tensor, whole or in chunks of its first
         axis, and hands each to ``put(key, tensor, event=None, done=None)``; a background
         thread writes them in order (and calls ``done`` after each), overlapping I/O with
-        compute. ``before_commit`` runs after the last byte, before the output appears
+        compute (``background=False``: ``put`` writes before it returns, so nothing is
+        held). ``before_commit`` runs after the last byte, before the output appears
         (e.g. to check that an input stream ended where its header said).
         """
         self.reporter.start(sum(p.nbytes for p in plans))
         with atomic_output(self.out, force=self.force) as fh:
             writer = SafetensorsWriter(fh, [(p.key, p.dtype, p.shape) for p in plans], metadata)
-            background = BackgroundWriter(writer)
+            sink = BackgroundWriter(writer) if background else InlineWriter(writer)
             try:
                 for plan in plans:
-                    produce(plan, background.put)
+                    produce(plan, sink.put)
                     self.reporter.advance(plan.key, plan.nbytes)
-                background.close()
+                sink.close()
             except BaseException:
-                background.abort()
+                sink.abort()
                 raise
             before_commit()
             return writer.bytes_written

@@ -12,6 +12,10 @@ chunks and files and scales once at the end:
   output locations, or over samples of the location sums (reduce); ``c`` is
   :func:`loss_correction`.
 
+The sums are added in place to the upper triangle of an accumulator (``out``, scaled by
+``alpha``), and :func:`mirror_` makes it exactly symmetric once at the end: no temporary of a
+factor's size, so memory is a chunk and one layer's factors.
+
 The expand input sum never materialises the patches of a stride-1 convolution: its
 entries are sums of the same channel products at a few lags (``(2K-1)^N`` lags against
 ``K^{2N}`` tap pairs), so :func:`lag_covariance` computes one channel Gram matrix per lag
@@ -50,20 +54,20 @@ CROSS_ROWS = 4096
 OP_OVERHEAD_FLOPS = 2e5
 
 
-def gram(p: Tensor, out: Tensor | None = None) -> Tensor:
-    """``pᵀ p`` of ``p: [R, D]``, added to ``out`` (``[D, D]``) if given.
+def gram(p: Tensor, out: Tensor | None = None, alpha: float = 1.0) -> Tensor:
+    """``out += alpha · pᵀ p`` for ``p: [R, D]`` (``out`` zeros if not given), ``[D, D]``.
 
-    Only the upper block triangle is computed (about half the work for a wide ``p``); the
-    lower triangle of the result is left as it was: call :func:`mirror` once at the end.
+    Only the upper triangle of ``out`` is updated (a wide ``p`` computes only the upper
+    block triangle: about half the work); call :func:`mirror_` once at the end.
     """
     d = p.shape[1]
     if out is None:
         out = p.new_zeros(d, d)
     if d < GRAM_MIN:
-        return out.addmm_(p.T, p)
+        return out.addmm_(p.T, p, alpha=alpha)
     block = -(-d // GRAM_BLOCKS // 16) * 16
     for i in range(0, d, block):
-        out[i : i + block, i:].addmm_(p[:, i : i + block].T, p[:, i:])
+        out[i : i + block, i:].addmm_(p[:, i : i + block].T, p[:, i:], alpha=alpha)
     return out
 
 
@@ -78,10 +82,17 @@ def cross(a: Tensor, b: Tensor) -> Tensor:
     return total.to(a.dtype)
 
 
-def mirror(s: Tensor) -> Tensor:
-    """The symmetric matrix whose upper triangle is ``s``'s (exactly symmetric)."""
-    upper = torch.triu(s)
-    return upper + torch.triu(s, 1).T
+def mirror_(s: Tensor, block: int = 512) -> Tensor:
+    """Copy ``s``'s upper triangle onto its lower one, in place and in blocks of rows (no
+    temporary of ``s``'s size): ``s`` becomes exactly symmetric."""
+    for i in range(0, s.shape[0], block):
+        rows = s[i : i + block]
+        if i:
+            rows[:, :i] = s[:i, i : i + block].T
+        diagonal = rows[:, i : i + block]
+        lower = torch.tril(torch.ones_like(diagonal, dtype=torch.bool), -1)
+        diagonal[lower] = diagonal.T[lower]
+    return s
 
 
 def locations(input_shape: Sequence[int], params: ConvParams | None) -> int:
@@ -97,9 +108,11 @@ def input_covariance(
     approx: KFACType | str,
     bias_column: bool = False,
     *,
+    out: Tensor | None = None,
+    alpha: float = 1.0,
     method: str | None = None,
 ) -> Tensor:
-    """Raw input sum ``Σ a aᵀ`` of one chunk, ``[D (+1), D (+1)]``.
+    """Add ``alpha · Σ a aᵀ`` over one chunk's rows to the upper triangle of ``out``.
 
     Args:
         x: A layer input: ``[B, C_in, *I]`` (conv) or ``[B, ..., d_in]`` (linear).
@@ -107,38 +120,38 @@ def input_covariance(
         approx: ``expand`` (rows: every sample and output location) or ``reduce`` (rows:
             the averaged patches, one per sample).
         bias_column: Whether rows carry a ones column (joint weight and bias).
+        out: ``[D (+1), D (+1)]`` to add to (default: zeros, and the result is mirrored).
+        alpha: The scale (``1/O`` for expand, so that sums over chunks divide by ``N`` only).
         method: ``lags`` or ``patches`` (expand of a conv only; default: by geometry).
 
     Returns:
-        The symmetric sum over the chunk's rows (not divided by ``O`` or ``N``).
+        ``out``, whose lower triangle is not updated when given (:func:`mirror_` it once
+        at the end).
     """
     reduce = KFACType(approx) is KFACType.REDUCE
     if params is None:
         rows = x.reshape(x.shape[0], -1, x.shape[-1])
         rows = rows.mean(1) if reduce else rows.reshape(-1, rows.shape[-1])
-        return _with_bias(mirror(gram(rows)), rows.sum(0), rows.shape[0], bias_column)
-    if reduce:
-        averaged = conv_averaged_patches(x, params)
-        return _with_bias(mirror(gram(averaged)), averaged.sum(0), x.shape[0], bias_column)
-    o = locations(x.shape, params)
-    s = conv_covariance(x, params, method=method)
-    if not bias_column:
-        return s
-    sums = conv_averaged_patches(x, params).sum(0) * o
-    return _with_bias(s, sums, x.shape[0] * o, True)
-
-
-def _with_bias(s: Tensor, sums: Tensor, rows: int, bias_column: bool) -> Tensor:
-    """``[[s, sums], [sumsᵀ, rows]]`` (the ones column's sums), or ``s`` alone."""
-    if not bias_column:
-        return s
-    d = s.shape[0]
-    out = s.new_empty(d + 1, d + 1)
-    out[:d, :d] = s
-    out[:d, d] = sums
-    out[d, :d] = sums
-    out[d, d] = rows
-    return out
+    elif reduce:
+        rows = conv_averaged_patches(x, params)
+    else:
+        rows = None
+    d = rows.shape[1] if rows is not None else params.patch_size(x.shape[1])
+    given = out is not None
+    if out is None:
+        out = x.new_zeros(d + bias_column, d + bias_column)
+    weights = out[:d, :d]
+    if rows is not None:
+        gram(rows, weights, alpha)
+        sums, count = rows.sum(0), rows.shape[0]
+    else:
+        conv_covariance(x, params, out=weights, alpha=alpha, method=method)
+        o = locations(x.shape, params)
+        sums, count = conv_averaged_patches(x, params).sum(0) * o, x.shape[0] * o
+    if bias_column:
+        out[:d, d].add_(sums, alpha=alpha)
+        out[d, d] += alpha * count
+    return out if given else mirror_(out)
 
 
 def expand_method(shape: Sequence[int], params: ConvParams) -> str:
@@ -161,13 +174,23 @@ def expand_method(shape: Sequence[int], params: ConvParams) -> str:
     return "lags" if lag_cost < patch_cost else "patches"
 
 
-def conv_covariance(x: Tensor, params: ConvParams, *, method: str | None = None) -> Tensor:
-    """``Σ_{b,o} p pᵀ`` over the expand patches of ``x: [B, C_in, *I]``, ``[D, D]``."""
+def conv_covariance(
+    x: Tensor,
+    params: ConvParams,
+    *,
+    out: Tensor | None = None,
+    alpha: float = 1.0,
+    method: str | None = None,
+) -> Tensor:
+    """``out += alpha · Σ_{b,o} p pᵀ`` over the expand patches of ``x: [B, C_in, *I]``,
+    ``[D, D]`` (the upper triangle; the whole, symmetric matrix if ``out`` is not given)."""
     method = method or expand_method(x.shape, params)
+    given = out is not None
     if method == "lags":
         if any(s != 1 for s in params.stride):
             raise ValueError("the lags method needs stride 1")
-        return lag_covariance(x, params)
+        out = lag_covariance(x, params, out=out, alpha=alpha)
+        return out if given else mirror_(out)
     if method != "patches":
         raise ValueError(f"method must be lags or patches, not {method!r}")
     x = group_mean(x, params.groups)
@@ -175,18 +198,21 @@ def conv_covariance(x: Tensor, params: ConvParams, *, method: str | None = None)
         params.kernel_size, params.stride, params.padding, params.dilation, 1, params.padding_mode
     )
     batch, d = x.shape[0], plain.patch_size(x.shape[1])
+    if out is None:
+        out = x.new_zeros(d, d)
     rows = locations(x.shape, plain)
     step = max(1, -(-PATCH_ROWS // max(rows, 1)))
-    out = x.new_zeros(d, d)
     buf = x.new_empty(min(step, batch) * rows * d)
     for start in range(0, batch, step):
         xb = x[start : start + step]
         p = conv_patches(xb, plain, out=buf[: xb.shape[0] * rows * d].view(-1, rows, d))
-        gram(p.reshape(-1, d), out)
-    return mirror(out)
+        gram(p.reshape(-1, d), out, alpha)
+    return out if given else mirror_(out)
 
 
-def lag_covariance(x: Tensor, params: ConvParams) -> Tensor:
+def lag_covariance(
+    x: Tensor, params: ConvParams, *, out: Tensor | None = None, alpha: float = 1.0
+) -> Tensor:
     """``Σ_{b,o} p pᵀ`` of a stride-1 convolution from channel products at shared lags.
 
     Tap pair ``(k, k')`` of ``p pᵀ`` sums ``x[i] x[i+δ]ᵀ`` with ``δ = (k'-k)·D`` over the
@@ -198,9 +224,11 @@ def lag_covariance(x: Tensor, params: ConvParams) -> Tensor:
     Args:
         x: Input ``[B, C_in, *I]`` of a stride-1 convolution.
         params: Its hyper-parameters.
+        out: ``[(C_in/G)·∏K, (C_in/G)·∏K]`` to add ``alpha`` times the sum to.
+        alpha: The scale.
 
     Returns:
-        ``[(C_in/G)·∏K, (C_in/G)·∏K]``, rows and columns ``(c, k_1..k_N)`` as the patches.
+        ``out`` (all of it), rows and columns ``(c, k_1..k_N)`` as the patches.
     """
     x = group_mean(x, params.groups)
     pads = params.pads()
@@ -218,7 +246,9 @@ def lag_covariance(x: Tensor, params: ConvParams) -> Tensor:
     z = x.new_zeros(batch, *(i + g for i, g in zip(size, gaps)), channels)
     z[(slice(None), *(slice(0, i) for i in size))] = rearrange(x, "b c ... -> b ... c")
     taps = list(itertools.product(*(range(k) for k in kernel)))
-    result = x.new_zeros(channels, len(taps), channels, len(taps))
+    if out is None:
+        out = x.new_zeros(channels * len(taps), channels * len(taps))
+    result = out.view(channels, len(taps), channels, len(taps))
     by_lag: dict[tuple[int, ...], list[tuple[int, int]]] = {}
     for a, ka in enumerate(taps):
         for b in range(a, len(taps)):
@@ -232,10 +262,10 @@ def lag_covariance(x: Tensor, params: ConvParams) -> Tensor:
                 for k, d, (left, _), o in zip(taps[a], dilation, pads, out_size)
             ]
             block = edges.box(window)
-            result[:, a, :, b] = block
+            result[:, a, :, b].add_(block, alpha=alpha)
             if a != b:
-                result[:, b, :, a] = block.T
-    return result.reshape(channels * len(taps), channels * len(taps))
+                result[:, b, :, a].add_(block.T, alpha=alpha)
+    return out
 
 
 class _Edges:
@@ -295,8 +325,16 @@ class _Edges:
         return total
 
 
-def gradient_covariance(g: Tensor, conv: bool, approx: KFACType | str) -> Tensor:
-    """Raw gradient sum ``Σ g gᵀ`` of one chunk of output gradients, ``[C_out, C_out]``.
+def gradient_covariance(
+    g: Tensor,
+    conv: bool,
+    approx: KFACType | str,
+    *,
+    out: Tensor | None = None,
+    alpha: float = 1.0,
+) -> Tensor:
+    """Add ``alpha · Σ g gᵀ`` over one chunk of output gradients to the upper triangle of
+    ``out`` (``[C_out, C_out]``; zeros, and the result mirrored, if not given).
 
     Args:
         g: ``[V, B, C_out, *O]`` (conv) or ``[V, B, ..., d_out]`` (linear): the gradients
@@ -304,6 +342,8 @@ def gradient_covariance(g: Tensor, conv: bool, approx: KFACType | str) -> Tensor
         conv: Whether the layer is a convolution (channels second).
         approx: ``expand`` (a row per vector, sample and location) or ``reduce`` (a row
             per vector and sample: the sum over locations).
+        out: The sum to add to.
+        alpha: The scale (:func:`loss_correction`).
     """
     reduce = KFACType(approx) is KFACType.REDUCE
     if conv:
@@ -312,7 +352,9 @@ def gradient_covariance(g: Tensor, conv: bool, approx: KFACType | str) -> Tensor
     else:
         rows = rearrange(g, "v b ... c -> (v b) (...) c")
         rows = rows.sum(1) if reduce else rearrange(rows, "n o c -> (n o) c")
-    return mirror(gram(rows))
+    if out is None:
+        return mirror_(gram(rows))
+    return gram(rows, out, alpha)
 
 
 def loss_correction(
