@@ -539,3 +539,31 @@ def test_factors_help_and_summary(shards, tmp_path):
     assert summary["num_data"] == 20 and summary["fisher_type"] == "mc"
     assert {f["name"] for f in summary["factors"]} == {f"{n}.{x}" for n in "024" for x in "AG"}
     assert math.isclose(summary["factors"][0]["bytes"], 28 * 28 * 4)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("approx", ["expand", "reduce"])
+def test_factors_on_cuda_match_the_cpu(shards, tmp_path, approx):
+    pt2, acts, grads = shards
+    outs = {}
+    for device in ("cpu", "cuda"):
+        outs[device] = tmp_path / f"{device}.safetensors"
+        proc = invoke(
+            "factors",
+            pt2,
+            *acts,
+            "--grads",
+            *grads,
+            "-o",
+            outs[device],
+            "--approx",
+            approx,
+            "--device",
+            device,
+        )
+        assert proc.returncode == 0, proc.stderr
+    a, b = load_file(outs["cpu"]), load_file(outs["cuda"])
+    for key in a:
+        torch.testing.assert_close(b[key], a[key], rtol=1e-5, atol=1e-6 * a[key].abs().max())
+        assert torch.equal(b[key], b[key].T)

@@ -46,6 +46,7 @@ class Ranks:
     """One process: it reads everything, sums alone and writes the output."""
 
     rank, world, local_rank = 0, 1, 0
+    waited = 0.0  # seconds spent in barriers and collectives
 
     @property
     def writer(self) -> bool:
@@ -223,13 +224,17 @@ class TorchrunRanks(Ranks):
                 time.sleep(POLL_SECONDS)
 
     def sum_(self, tensor: torch.Tensor) -> torch.Tensor:
+        start = time.perf_counter()
         self._sums += 1
         self._wait_all(f"sum{self._sums}")  # all arrive: the collective itself waits no more
         self._ask(self.dist.all_reduce, tensor)
+        self.waited += time.perf_counter() - start
         return tensor
 
     def agree(self) -> None:
+        start = time.perf_counter()
         self._wait_all("done")
+        self.waited += time.perf_counter() - start
 
     def publish(self) -> None:
         self._ask(self.store.set, "written", "1")

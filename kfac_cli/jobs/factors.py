@@ -358,7 +358,15 @@ def _run(
     finally:
         for src in acts + grad_srcs:
             src.close()
-    return job.summary(plans, written, items="factors", num_data=n, **conv.to_json())
+    extra = {"ranks": ranks.world, "communication_seconds": round(ranks.waited, 4)}
+    return job.summary(
+        plans,
+        written,
+        items="factors",
+        num_data=n,
+        **conv.to_json(),
+        **(extra if ranks.world > 1 else {}),
+    )
 
 
 def factors_header(

@@ -82,16 +82,15 @@ def cross(a: Tensor, b: Tensor) -> Tensor:
     return total.to(a.dtype)
 
 
-def mirror_(s: Tensor, block: int = 512) -> Tensor:
-    """Copy ``s``'s upper triangle onto its lower one, in place and in blocks of rows (no
+def mirror_(s: Tensor, block: int = 1024) -> Tensor:
+    """Copy ``s``'s upper triangle onto its lower one, in place, block by block (no
     temporary of ``s``'s size): ``s`` becomes exactly symmetric."""
-    for i in range(0, s.shape[0], block):
-        rows = s[i : i + block]
-        if i:
-            rows[:, :i] = s[:i, i : i + block].T
-        diagonal = rows[:, i : i + block]
-        lower = torch.tril(torch.ones_like(diagonal, dtype=torch.bool), -1)
-        diagonal[lower] = diagonal.T[lower]
+    n = s.shape[0]
+    for i in range(0, n, block):
+        diagonal = s[i : i + block, i : i + block]
+        diagonal.copy_(torch.triu(diagonal) + torch.triu(diagonal, 1).T)
+        for j in range(i + block, n, block):
+            s[j : j + block, i : i + block] = s[i : i + block, j : j + block].T
     return s
 
 
@@ -203,10 +202,25 @@ def conv_covariance(
     rows = locations(x.shape, plain)
     step = max(1, -(-PATCH_ROWS // max(rows, 1)))
     buf = x.new_empty(min(step, batch) * rows * d)
+    # Chunks' products summed in float64: no more rounding than one chunk's product.
+    wide = step < batch and x.dtype != torch.float64
+    part, total = (
+        (x.new_empty(d, d), out.new_zeros(d, d, dtype=torch.float64))
+        if wide
+        else (
+            None,
+            None,
+        )
+    )
     for start in range(0, batch, step):
         xb = x[start : start + step]
         p = conv_patches(xb, plain, out=buf[: xb.shape[0] * rows * d].view(-1, rows, d))
-        gram(p.reshape(-1, d), out, alpha)
+        if wide:
+            total += gram(p.reshape(-1, d), part.zero_())
+        else:
+            gram(p.reshape(-1, d), out, alpha)
+    if wide:
+        out.add_(total.to(out.dtype), alpha=alpha)
     return out if given else mirror_(out)
 
 

@@ -1,10 +1,15 @@
-"""CUDA check and throughput, for a machine with a GPU (one short run).
+"""CUDA check and throughput, for a machine with a GPU (one short run, a few minutes).
 
     $ python -m tests.benchmarks.gpu_check [--preset small] [--out FILE]
 
-Runs `kfac-cli patches --device cuda` and `--device cpu` on the benchmark workload and
-compares them (expand bit-identical, reduce within 1e-6), times both, and measures the
-in-memory kernels on the GPU in GB/s of output written.
+- runs the CUDA tests (``pytest -m cuda``);
+- runs `kfac-cli patches` and `kfac-cli factors` with `--device cuda` and `--device cpu`
+  on the benchmark workload and compares them (patches: expand bit-identical but for
+  grouped layers, reduce within 1e-6; factors within float32 rounding);
+- measures the in-memory patch kernels on the GPU in GB/s, and the factor kernel against
+  `torch.mm` of the same patches (``Pᵀ P``) at the same sizes, in the same run;
+- profiles one `patches --device cuda` run and reports how much of the host-device copying
+  overlapped with compute (copy, compute and wall seconds from the CUDA profiler).
 """
 
 from __future__ import annotations
@@ -126,9 +131,121 @@ def main() -> None:
     report["gpu reduce kernel seconds"] = t_reduce
     for method, seconds in t_methods.items():
         report[f"gpu reduce kernel seconds, every layer by {method}"] = seconds
+    report.update(factor_checks(folder, env, batch))
+    report.update(overlap(folder))
+    tests = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-m", "cuda", "-p", "no:cacheprovider"],
+        capture_output=True,
+        text=True,
+    )
+    report["cuda tests"] = [*tests.stdout.strip().splitlines()[-1:], f"exit {tests.returncode}"]
     print(json.dumps(report, indent=1))
     if args.out:
         args.out.write_text(json.dumps(report, indent=1))
+
+
+def factor_checks(folder: Path, env: dict, batch: int) -> dict:
+    """`factors` on cuda against cpu; the factor kernel against torch.mm of its patches."""
+    from safetensors.torch import load_file
+
+    from kfac_cli.ops.factors import conv_covariance
+    from kfac_cli.ops.patches import conv_patches
+    from tests.benchmarks.workload import layers
+
+    out: dict = {}
+    acts = sorted(str(p) for p in (folder / "shards").glob("acts-*.safetensors"))
+    grads = sorted(str(p) for p in (folder / "shards").glob("grads-*.safetensors"))
+    for approx in ("expand", "reduce"):
+        files = {}
+        for dev in ("cpu", "cuda"):
+            files[dev] = folder / f"factors-{approx}-{dev}.safetensors"
+            t = time.perf_counter()
+            cmd = [*cli(), "factors", folder / "model.pt2", *acts, "--grads", *grads]
+            cmd += ["-o", files[dev], "--approx", approx, "--device", dev, "-q", "--force"]
+            proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
+            out[f"factors {approx} {dev} seconds"] = time.perf_counter() - t
+            if proc.returncode:
+                out[f"factors {approx} {dev} error"] = proc.stderr[-2000:]
+        if all(f.exists() for f in files.values()):
+            a, b = load_file(files["cpu"]), load_file(files["cuda"])
+            out[f"factors {approx} max relative cuda-cpu difference"] = max(
+                ((a[k] - b[k]).abs().max() / a[k].abs().max().clamp_min(1e-30)).item() for k in a
+            )
+    dev = torch.device("cuda")
+    ours_t, mm_t = 0.0, 0.0
+    for layer in layers():
+        params = layer.params()
+        x = torch.randn(batch, layer.c_in, *layer.size, device=dev)
+        d = params.patch_size(layer.c_in)
+        p = conv_patches(x, params).reshape(-1, d)
+        acc = torch.zeros(d, d, device=dev)
+        for fn in (lambda: conv_covariance(x, params, out=acc), lambda: p.T @ p):
+            fn()
+        timings = []
+        for fn in (lambda: conv_covariance(x, params, out=acc), lambda: torch.mm(p.T, p)):
+            torch.cuda.synchronize()
+            start = time.perf_counter()
+            for _ in range(3):
+                fn()
+            torch.cuda.synchronize()
+            timings.append((time.perf_counter() - start) / 3)
+        ours_t += timings[0]
+        mm_t += timings[1]
+    out["factor kernel seconds (all layers, from the input)"] = ours_t
+    out["torch.mm seconds (P^T P of the same patches)"] = mm_t
+    out["factor kernel throughput as a fraction of torch.mm's"] = mm_t / ours_t
+    return out
+
+
+def overlap(folder: Path) -> dict:
+    """Profile `patches --device cuda` in-process: copy, compute and wall seconds."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from kfac_cli.jobs.patches import run_patches
+
+    out_file = folder / "profiled.safetensors"
+    run_patches(
+        folder / "model.pt2", folder / "acts.safetensors", str(out_file), device="cuda", force=True
+    )  # warm up
+    start = time.perf_counter()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        run_patches(
+            folder / "model.pt2",
+            folder / "acts.safetensors",
+            str(out_file),
+            device="cuda",
+            force=True,
+        )
+    wall = time.perf_counter() - start
+    spans = {"copy": [], "compute": []}
+    for e in prof.events():
+        if e.device_type.name != "CUDA":
+            continue
+        kind = "copy" if "Memcpy" in e.name or "memcpy" in e.name else "compute"
+        spans[kind].append((e.time_range.start, e.time_range.end))
+
+    def busy(intervals):
+        total, last = 0, None
+        for a, b in sorted(intervals):
+            if last is None or a > last:
+                total += b - a
+                last = b
+            elif b > last:
+                total += b - last
+                last = b
+        return total / 1e6
+
+    both = busy(spans["copy"]) + busy(spans["compute"])
+    union = busy(spans["copy"] + spans["compute"])
+    prof.export_chrome_trace(str(folder / "patches-cuda-trace.json"))
+    return {
+        "patches cuda: copy seconds": busy(spans["copy"]),
+        "patches cuda: compute seconds": busy(spans["compute"]),
+        "patches cuda: GPU busy seconds": union,
+        "patches cuda: overlapped seconds (copy and compute at once)": both - union,
+        "patches cuda: wall seconds": wall,
+        "patches cuda: trace": str(folder / "patches-cuda-trace.json"),
+    }
 
 
 if __name__ == "__main__":

@@ -5,10 +5,14 @@
 Times, alternating and repeated: `kfac-cli patches` (expand, reduce), the users' baseline
 script (curvlinops' extract_patches / extract_averaged_patches + safetensors.save_file; needs
 curvlinops-for-pytorch), and the floor (a process that imports torch, reads every input
-byte once and writes the same number of output bytes once). Reports medians (min-max),
-ratios to baseline and floor, and each process's peak RSS (ru_maxrss, which counts mapped
-pages). Then the in-memory kernels against curvlinops and against one read pass (`x.sum()`),
-`canonicalize` of a large parameter file against its read+write floor, and `--help`.
+byte once through the official safetensors reader and writes each layer's output bytes from
+one reused buffer, then fsyncs). Then `kfac-cli factors` (expand and reduce, with output
+gradients, over shards) against the anchor (curvlinops' hook code: extract_patches + einsum
+per layer after load_file) and a read floor, the factor kernels against the anchor's einsum
+on materialised patches, 2 torchrun ranks against 1, the in-memory patch kernels against
+curvlinops and one read pass (`x.sum()`), `canonicalize` of a large parameter file against
+its read+write floor, and `--help`. Reports medians (min-max), ratios, and each process's
+peak RSS (ru_maxrss) above a bare `import torch`.
 """
 
 from __future__ import annotations
@@ -29,17 +33,17 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[2]
 
 FLOOR = r"""
-import os, sys, torch
-src, dst, nbytes = sys.argv[1], sys.argv[2], int(sys.argv[3])
-buf = memoryview(bytearray(64 << 20))
-with open(src, "rb", buffering=0) as f:
-    while f.readinto(buf):
-        pass
-with open(dst, "wb") as f:
-    left = nbytes
-    while left:
-        n = min(left, len(buf)); f.write(buf[:n]); left -= n
-    f.flush(); os.fsync(f.fileno())
+import json, os, sys, torch
+from safetensors import safe_open
+src, dst, sizes = sys.argv[1], sys.argv[2], json.loads(sys.argv[3])
+buf = memoryview(bytearray(8 << 20))
+with safe_open(src, "pt") as f, open(dst, "wb") as out:
+    for key in f.keys():
+        f.get_tensor(key)  # every input byte, once, through the official reader
+        left = sizes.get(key, 0)
+        while left:  # the layer's output bytes, from one reused buffer
+            n = min(left, len(buf)); out.write(buf[:n]); left -= n
+    out.flush(); os.fsync(out.fileno())
 """
 
 BASELINE = r"""
@@ -98,6 +102,15 @@ def sha(path: Path) -> str:
     return h.hexdigest()
 
 
+def tensor_bytes(path: Path) -> dict[str, int]:
+    """Each tensor's byte count, from a safetensors header."""
+    with open(path, "rb") as f:
+        n = int.from_bytes(f.read(8), "little")
+        header = json.loads(f.read(n))
+    header.pop("__metadata__", None)
+    return {k: v["data_offsets"][1] - v["data_offsets"][0] for k, v in header.items()}
+
+
 def bench_processes(folder: Path, args, env: dict, report: dict) -> None:
     kfac = str(Path(sys.executable).with_name("kfac-cli"))
     model, acts, spec = folder / "model.pt2", folder / "acts.safetensors", folder / "spec.json"
@@ -136,7 +149,7 @@ def bench_processes(folder: Path, args, env: dict, report: dict) -> None:
                 FLOOR,
                 str(acts),
                 str(folder / "floor.bin"),
-                str(out_sizes[approx]),
+                json.dumps(tensor_bytes(out)),
             ],
         }
         if have_baseline:
@@ -355,7 +368,7 @@ def bench_canonicalize(folder: Path, args, env: dict, report: dict) -> None:
             FLOOR,
             str(params),
             str(folder / "f.bin"),
-            str(size),
+            json.dumps(tensor_bytes(params)),
         ],
     }
     runs: dict[str, list[tuple[float, int]]] = {}
@@ -401,7 +414,17 @@ def main() -> None:
         help="where to put the workload (default: a temporary folder)",
     )
     parser.add_argument(
-        "--only", choices=["processes", "kernels", "canonicalize", "help"], action="append"
+        "--only",
+        choices=[
+            "processes",
+            "kernels",
+            "canonicalize",
+            "help",
+            "factors",
+            "factor-kernels",
+            "ranks",
+        ],
+        action="append",
     )
     parser.add_argument("--json", type=Path, help="also write the numbers here")
     args = parser.parse_args()
@@ -424,9 +447,33 @@ def main() -> None:
         f"{info['input_bytes'] / 2**30:.2f} GiB of activations, in {folder}"
     )
     report: dict = {"preset": args.preset, "threads": args.threads, "device": args.device}
-    only = set(args.only or ["processes", "kernels", "canonicalize", "help"])
+    only = set(
+        args.only
+        or ["processes", "factors", "factor-kernels", "ranks", "kernels", "canonicalize", "help"]
+    )
+    spec = folder / "spec.json"
+    spec.write_bytes(
+        subprocess.run(
+            [
+                str(Path(sys.executable).with_name("kfac-cli")),
+                "layers",
+                str(folder / "model.pt2"),
+                "--json",
+            ],
+            check=True,
+            capture_output=True,
+        ).stdout
+    )
+    from tests.benchmarks import factors
+
     if "processes" in only:
         bench_processes(folder, args, env, report)
+    if "factors" in only:
+        factors.bench_factor_processes(folder, args, env, report, timed, _fresh, fmt_stats)
+    if "factor-kernels" in only:
+        factors.bench_factor_kernels(folder, args, report, fmt_stats)
+    if "ranks" in only:
+        factors.bench_ranks(folder, args, env, report, timed, _fresh, fmt_stats)
     if "kernels" in only:
         bench_kernels(folder, args, report)
     if "canonicalize" in only:

@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-PRESETS = {"small": 8, "large": 32, "tiny": 1}
+PRESETS = {"small": 8, "large": 32, "tiny": 4}
 
 
 @dataclass(frozen=True)
@@ -150,8 +150,13 @@ class Workload(nn.Module):
         return [conv(x) for conv, x in zip(self.convs.values(), xs)]
 
 
+SHARDS = 4
+
+
 def write(folder: Path, preset: str) -> dict:
-    """Write ``model.pt2``, ``spec.json`` and ``acts.safetensors`` (streamed, deterministic)."""
+    """Write ``model.pt2``, ``acts.safetensors`` (every layer's input, streamed,
+    deterministic) and ``shards/acts-i``, ``shards/grads-i`` (the same samples in
+    :data:`SHARDS` shards, with output gradients of an empirical Fisher and a sum loss)."""
     from kfac_cli.files.writer import SafetensorsWriter
 
     folder.mkdir(parents=True, exist_ok=True)
@@ -162,15 +167,44 @@ def write(folder: Path, preset: str) -> dict:
     examples = tuple(torch.zeros(1, c.c_in, *c.size) for c in convs)
     torch.export.save(torch.export.export(model, examples), folder / "model.pt2")
     names = [f"convs.{c.name.replace('.', '_')}" for c in convs]
-    entries = [(n, torch.float32, (batch, c.c_in, *c.size)) for n, c in zip(names, convs)]
+    outputs = [(c.c_out, *c.params().output_size(c.size)) for c in convs]
     gen = torch.Generator().manual_seed(1)
-    with open(folder / "acts.safetensors", "wb") as fh:
-        writer = SafetensorsWriter(fh, entries, {"workload": preset})
-        for name, _, shape in entries:
-            for _ in range(batch):
-                writer.write(name, torch.randn(1, *shape[1:], generator=gen))
-        writer.close()
-    in_bytes = sum(prod(s) * 4 for _, _, s in entries)
-    info = {"preset": preset, "batch": batch, "layers": len(convs), "input_bytes": in_bytes}
+
+    def dump(path: Path, rows: int, grads: bool, meta: dict) -> int:
+        shapes = outputs if grads else [(c.c_in, *c.size) for c in convs]
+        lead = (1, rows) if grads else (rows,)
+        entries = [(n, torch.float32, (*lead, *s)) for n, s in zip(names, shapes)]
+        with open(path, "wb") as fh:
+            writer = SafetensorsWriter(fh, entries, meta)
+            for name, _, shape in entries:
+                for _ in range(rows):
+                    writer.write(
+                        name, torch.randn(*lead[:-1], 1, *shape[len(lead) :], generator=gen)
+                    )
+            writer.close()
+        return sum(prod(s) * 4 for _, _, s in entries)
+
+    in_bytes = dump(folder / "acts.safetensors", batch, False, {"workload": preset})
+    (folder / "shards").mkdir(exist_ok=True)
+    grad_meta = {
+        "format": "kfac-cli/output-gradients",
+        "fisher_type": "empirical",
+        "loss_reduction": "sum",
+        "num_per_example_loss_terms": "1",
+        "mc_samples": "1",
+    }
+    rows = max(1, batch // SHARDS)
+    grad_bytes = 0
+    for i in range(SHARDS):
+        dump(folder / "shards" / f"acts-{i}.safetensors", rows, False, {"workload": preset})
+        grad_bytes += dump(folder / "shards" / f"grads-{i}.safetensors", rows, True, grad_meta)
+    info = {
+        "preset": preset,
+        "batch": batch,
+        "layers": len(convs),
+        "input_bytes": in_bytes,
+        "shards": SHARDS,
+        "gradient_bytes": grad_bytes,
+    }
     (folder / "workload.json").write_text(json.dumps(info))
     return info
