@@ -29,6 +29,8 @@ from kfac_cli.ops.factors import (
     locations,
     loss_correction,
     mirror_,
+    symmetric_rows,
+    tap_order,
 )
 
 FORMAT = "kfac-cli/factors"
@@ -520,8 +522,8 @@ class _Accumulator:
         self.dtype = job.cast or torch.float32
         self.stage = job.stage()
         self.done: dict[str, torch.Tensor] = {}
-        self.pool = BufferPool(3, CPU, pin_memory=self.stage.cuda)
-        self.prefetch = Prefetcher(self._reads(works), self.pool)
+        self.pool = BufferPool(4, CPU, pin_memory=self.stage.cuda)
+        self.prefetch = Prefetcher(self._reads(works), self.pool, ahead=2)
 
     def _rows(self, info, start: int, stop: int, grads: bool):
         """``(row_len, first, end)`` chunks of a unit's batch rows ``start:stop``: of the
@@ -553,27 +555,34 @@ class _Accumulator:
     def produce(self, plan: Plan, put) -> None:
         if plan.key not in self.done:
             self._layer(self.works[plan.meta["layer"]])
-        put(plan.key, self.done.pop(plan.key).to(CPU, self.dtype))
+        value = self.done.pop(plan.key)
+        if not isinstance(value, tuple):  # an eigendecomposition
+            put(plan.key, value.to(CPU, self.dtype))
+            return
+        upper, perm = value  # written row block by row block, symmetric and reordered
+        step = max(1, self.job.chunk_bytes // (upper.shape[1] * upper.element_size()))
+        for start in range(0, upper.shape[0], step):
+            put(plan.key, symmetric_rows(upper, perm, start, start + step).to(CPU, self.dtype))
 
     def _layer(self, w: Work) -> None:
         """Sum, combine over ranks, scale, symmetrise (and decompose) one layer's factors.
 
-        One buffer holds both sums (one collective per layer); they are added in place,
-        scaled in place and mirrored in place: no temporary of a factor's size."""
+        One buffer holds both sums (one collective per layer): their upper triangles,
+        ``A``'s rows tap-major (see :func:`~kfac_cli.ops.factors.tap_order`), added and
+        scaled in place; they are written in row blocks, made symmetric and reordered on
+        the way: no temporary of a factor's size."""
         device = self.stage.device
         sizes = [w.d] + ([w.c_out] if self.grads else [])
         flat = torch.zeros(sum(n * n for n in sizes), dtype=self.dtype, device=device)
         a_sum = flat[: w.d * w.d].view(w.d, w.d)
         bias = w.layer.bias is not None and not self.separate_bias
-        for src, key, info, (_, a, b) in self._inputs(w, grads=False):
-            x = self._next(src, key, (b - a, *info.shape[1:]))
+        for _, info, x in self._chunks_of(w, grads=False):
             o = 1 if self.approx is KFACType.REDUCE else locations(info.shape, w.layer.conv)
             input_covariance(x, w.layer.conv, self.approx, bias, out=a_sum, alpha=1.0 / o)
         factors = {"A": a_sum}
         if self.grads:
             g_sum = flat[w.d * w.d :].view(w.c_out, w.c_out)
-            for src, key, info, (_, a, b) in self._inputs(w, grads=True):
-                g = self._next(src, key, (1, b - a, *info.shape[2:]))
+            for _, info, g in self._chunks_of(w, grads=True):
                 c = loss_correction(
                     self.conv.loss_reduction,
                     info.shape[1],
@@ -588,26 +597,37 @@ class _Accumulator:
                 self.finite[id(src)].report(key, math.prod(src.infos[key].shape))
         self.ranks.sum_(flat)
         a_sum.div_(self.n)
-        for name, value in factors.items():
+        taps = 1 if w.layer.conv is None else math.prod(w.layer.conv.kernel_size)
+        orders = {
+            "A": tap_order((w.d - bias) // taps, taps, bias, device),
+            "G": torch.arange(w.c_out, device=device),
+        }
+        for name, upper in factors.items():
             key = f"{w.layer.name}.{name}"
-            self.done[key] = mirror_(value)
+            self.done[key] = (upper, orders[name])
             if self.eigh:
-                vals, vecs = torch.linalg.eigh(value.double())
+                full = symmetric_rows(upper, orders[name]).double()
+                vals, vecs = torch.linalg.eigh(full)
                 self.done[f"{key}.eigenvalues"] = vals
                 self.done[f"{key}.eigenvectors"] = vecs
 
-    def _next(self, src, key: str, shape: tuple[int, ...]) -> torch.Tensor:
-        """The next chunk on the device (its host buffer back in the pool once copied)."""
-        self.ranks.check()
-        x_host, buf = self.prefetch.next()
-        x_host = x_host.view(shape)
-        self.finite[id(src)].check(key, x_host)
-        x = self.stage.to_device(x_host, self.dtype)
-        if x.device.type == "cpu" and x.data_ptr() == x_host.data_ptr():
-            x = x.clone()  # the buffer goes back to the reader; the sum needs the data
-        self.stage.wait_copied()
-        self.pool.put(buf)
-        return x
+    def _chunks_of(self, w: Work, grads: bool):
+        """``(key, info, chunk on the device)`` of a layer's inputs (or gradients), each
+        chunk's host buffer back to the reader once the chunk has been used."""
+        for src, key, info, (_, a, b) in self._inputs(w, grads):
+            self.ranks.check()
+            x_host, buf = self.prefetch.next()
+            shape = (1, b - a, *info.shape[2:]) if grads else (b - a, *info.shape[1:])
+            x_host = x_host.view(shape)
+            self.finite[id(src)].check(key, x_host)
+            x = self.stage.to_device(x_host, self.dtype)
+            self.stage.wait_copied()  # a device copy has left the host buffer
+            if x.data_ptr() != x_host.data_ptr():
+                self.pool.put(buf)
+                buf = None
+            yield key, info, x
+            if buf is not None:  # the sum read the buffer itself: it is free now
+                self.pool.put(buf)
 
     def close(self) -> None:
         self.prefetch.close()

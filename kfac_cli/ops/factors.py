@@ -82,6 +82,33 @@ def cross(a: Tensor, b: Tensor) -> Tensor:
     return total.to(a.dtype)
 
 
+def tap_order(channels: int, taps: int, bias: bool, device=None) -> Tensor:
+    """``perm[i]``: the tap-major index (``k·C + c``) of the format's index ``i = c·K + k``
+    (the bias, if any, last in both). Factor sums accumulate tap-major: a tap pair's
+    ``C x C`` block is then contiguous."""
+    perm = torch.arange(channels * taps, device=device).view(taps, channels).T.reshape(-1)
+    if bias:
+        perm = torch.cat([perm, perm.new_tensor([channels * taps])])
+    return perm
+
+
+def symmetric_rows(upper: Tensor, perm: Tensor, start: int = 0, stop: int | None = None) -> Tensor:
+    """Rows ``start:stop`` of the symmetric matrix whose upper triangle is ``upper``, in
+    the order ``perm`` maps from (:func:`tap_order`): ``M[i, j] = S[perm i, perm j]`` with
+    ``S`` the symmetric completion of ``upper``. Exactly symmetric; memory: the rows."""
+    t = perm[start:stop]
+    rows = upper.index_select(0, t)
+    cols = upper.index_select(1, t).T
+    j = torch.arange(upper.shape[1], device=upper.device)
+    full = torch.where(j[None, :] < t[:, None], cols, rows)
+    return full.index_select(1, perm)
+
+
+def _taps_first(rows: Tensor, taps: int) -> Tensor:
+    """``[R, C·K]`` columns ``(c, k)`` as ``(k, c)``."""
+    return rows.unflatten(1, (-1, taps)).transpose(1, 2).reshape(rows.shape[0], -1)
+
+
 def mirror_(s: Tensor, block: int = 1024) -> Tensor:
     """Copy ``s``'s upper triangle onto its lower one, in place, block by block (no
     temporary of ``s``'s size): ``s`` becomes exactly symmetric."""
@@ -111,7 +138,7 @@ def input_covariance(
     alpha: float = 1.0,
     method: str | None = None,
 ) -> Tensor:
-    """Add ``alpha · Σ a aᵀ`` over one chunk's rows to the upper triangle of ``out``.
+    """``Σ a aᵀ`` over one chunk's rows: the full matrix, or added to an accumulator.
 
     Args:
         x: A layer input: ``[B, C_in, *I]`` (conv) or ``[B, ..., d_in]`` (linear).
@@ -119,25 +146,27 @@ def input_covariance(
         approx: ``expand`` (rows: every sample and output location) or ``reduce`` (rows:
             the averaged patches, one per sample).
         bias_column: Whether rows carry a ones column (joint weight and bias).
-        out: ``[D (+1), D (+1)]`` to add to (default: zeros, and the result is mirrored).
+        out: An accumulator ``[D (+1), D (+1)]`` to add ``alpha`` times the sum to: its
+            upper triangle, rows and columns in tap-major order (see :func:`tap_order`).
         alpha: The scale (``1/O`` for expand, so that sums over chunks divide by ``N`` only).
         method: ``lags`` or ``patches`` (expand of a conv only; default: by geometry).
 
     Returns:
-        ``out``, whose lower triangle is not updated when given (:func:`mirror_` it once
-        at the end).
+        ``out``; without it, the symmetric sum in the format's order (``(c, k..)``, bias
+        last).
     """
     reduce = KFACType(approx) is KFACType.REDUCE
+    taps = 1 if params is None else prod(params.kernel_size)
     if params is None:
         rows = x.reshape(x.shape[0], -1, x.shape[-1])
         rows = rows.mean(1) if reduce else rows.reshape(-1, rows.shape[-1])
     elif reduce:
-        rows = conv_averaged_patches(x, params)
+        rows = _taps_first(conv_averaged_patches(x, params), taps)
     else:
         rows = None
     d = rows.shape[1] if rows is not None else params.patch_size(x.shape[1])
-    given = out is not None
-    if out is None:
+    full = out is None
+    if full:
         out = x.new_zeros(d + bias_column, d + bias_column)
     weights = out[:d, :d]
     if rows is not None:
@@ -146,11 +175,14 @@ def input_covariance(
     else:
         conv_covariance(x, params, out=weights, alpha=alpha, method=method)
         o = locations(x.shape, params)
-        sums, count = conv_averaged_patches(x, params).sum(0) * o, x.shape[0] * o
+        sums = _taps_first(conv_averaged_patches(x, params).sum(0, keepdim=True), taps)[0] * o
+        count = x.shape[0] * o
     if bias_column:
         out[:d, d].add_(sums, alpha=alpha)
         out[d, d] += alpha * count
-    return out if given else mirror_(out)
+    if not full:
+        return out
+    return symmetric_rows(out, tap_order(d // taps, taps, bias_column, out.device))
 
 
 def expand_method(shape: Sequence[int], params: ConvParams) -> str:
@@ -181,47 +213,113 @@ def conv_covariance(
     alpha: float = 1.0,
     method: str | None = None,
 ) -> Tensor:
-    """``out += alpha · Σ_{b,o} p pᵀ`` over the expand patches of ``x: [B, C_in, *I]``,
-    ``[D, D]`` (the upper triangle; the whole, symmetric matrix if ``out`` is not given)."""
+    """``Σ_{b,o} p pᵀ`` over the expand patches of ``x: [B, C_in, *I]``, ``[D, D]``.
+
+    With ``out``: added (times ``alpha``) to its upper triangle, rows and columns in
+    tap-major order; without: the symmetric sum in the format's order ``(c, k..)``.
+    Kernel taps that read only zero padding (large dilations) give zero rows and columns:
+    only the others are computed.
+    """
+    full = out is None
+    channels = x.shape[1] // params.groups
+    taps = prod(params.kernel_size)
+    if full:
+        out = x.new_zeros(channels * taps, channels * taps)
+    live = _live_taps(x.shape[2:], params)
+    if live is None:
+        _covariance(x, params, out, alpha, method)
+    elif all(len(r) for r in live):
+        sub = ConvParams(
+            tuple(len(r) for r in live),
+            params.stride,
+            tuple(
+                (left - r[0] * d, right - (k - 1 - r[-1]) * d)
+                for r, k, d, (left, right) in zip(
+                    live, params.kernel_size, params.dilation, params.pads()
+                )
+            ),
+            params.dilation,
+            params.groups,
+        )
+        part = _covariance(
+            x,
+            sub,
+            x.new_zeros(channels * prod(sub.kernel_size), channels * prod(sub.kernel_size)),
+            alpha,
+            method,
+        )
+        index = torch.tensor(
+            [
+                int(sum(k * step for k, step in zip(tap, _strides(params.kernel_size))))
+                for tap in itertools.product(*live)
+            ]
+        )
+        dense = out.view(taps, channels, taps, channels)
+        pieces = part.view(len(index), channels, len(index), channels)
+        for a, ta in enumerate(index.tolist()):
+            for b in range(a, len(index)):
+                dense[ta, :, index[b], :].add_(pieces[a, :, b, :])
+    return symmetric_rows(out, tap_order(channels, taps, False, out.device)) if full else out
+
+
+def _strides(kernel: Sequence[int]) -> list[int]:
+    """Row-major strides of a tap index ``(k_1, ..., k_N)``."""
+    return [prod(kernel[n + 1 :]) for n in range(len(kernel))]
+
+
+def _live_taps(size: Sequence[int], params: ConvParams) -> list[range] | None:
+    """Per dim, the taps that read an input (zero padding), or ``None`` if all do."""
+    if params.padding_mode != "zeros":
+        return None
+    out_size = params.output_size(size)
+    live = []
+    for i, k, s, d, (left, _), o in zip(
+        size, params.kernel_size, params.stride, params.dilation, params.pads(), out_size
+    ):
+        reading = [j for j in range(k) if j * d - left <= i - 1 and (o - 1) * s + j * d - left >= 0]
+        live.append(range(reading[0], reading[-1] + 1) if reading else range(0))
+    if all(len(r) == k for r, k in zip(live, params.kernel_size)):
+        return None
+    return live
+
+
+def _covariance(x: Tensor, params: ConvParams, out: Tensor, alpha: float, method) -> Tensor:
     method = method or expand_method(x.shape, params)
-    given = out is not None
     if method == "lags":
         if any(s != 1 for s in params.stride):
             raise ValueError("the lags method needs stride 1")
-        out = lag_covariance(x, params, out=out, alpha=alpha)
-        return out if given else mirror_(out)
-    if method != "patches":
-        raise ValueError(f"method must be lags or patches, not {method!r}")
+        return lag_covariance(x, params, out=out, alpha=alpha)
+    if method == "patches":
+        _patch_covariance(x, params, out, alpha)
+        return out
+    raise ValueError(f"method must be lags or patches, not {method!r}")
+
+
+def _patch_covariance(x: Tensor, params: ConvParams, out: Tensor, alpha: float) -> None:
+    """Patches (tap-major columns) formed :data:`PATCH_ROWS` rows at a time, each chunk's
+    symmetric product added to ``out``'s upper triangle."""
     x = group_mean(x, params.groups)
     plain = ConvParams(
         params.kernel_size, params.stride, params.padding, params.dilation, 1, params.padding_mode
     )
     batch, d = x.shape[0], plain.patch_size(x.shape[1])
-    if out is None:
-        out = x.new_zeros(d, d)
     rows = locations(x.shape, plain)
     step = max(1, -(-PATCH_ROWS // max(rows, 1)))
     buf = x.new_empty(min(step, batch) * rows * d)
     # Chunks' products summed in float64: no more rounding than one chunk's product.
     wide = step < batch and x.dtype != torch.float64
-    part, total = (
-        (x.new_empty(d, d), out.new_zeros(d, d, dtype=torch.float64))
-        if wide
-        else (
-            None,
-            None,
-        )
-    )
+    part = x.new_empty(d, d) if wide else None
+    total = out.new_zeros(d, d, dtype=torch.float64) if wide else None
     for start in range(0, batch, step):
         xb = x[start : start + step]
-        p = conv_patches(xb, plain, out=buf[: xb.shape[0] * rows * d].view(-1, rows, d))
+        chunk = buf[: xb.shape[0] * rows * d].view(-1, rows, d)
+        p = conv_patches(xb, plain, out=chunk, taps_first=True).reshape(-1, d)
         if wide:
-            total += gram(p.reshape(-1, d), part.zero_())
+            total += gram(p, part.zero_())
         else:
-            gram(p.reshape(-1, d), out, alpha)
+            gram(p, out, alpha)
     if wide:
         out.add_(total.to(out.dtype), alpha=alpha)
-    return out if given else mirror_(out)
 
 
 def lag_covariance(
@@ -238,11 +336,12 @@ def lag_covariance(
     Args:
         x: Input ``[B, C_in, *I]`` of a stride-1 convolution.
         params: Its hyper-parameters.
-        out: ``[(C_in/G)·∏K, (C_in/G)·∏K]`` to add ``alpha`` times the sum to.
+        out: ``[(C_in/G)·∏K, (C_in/G)·∏K]`` to add ``alpha`` times the sum to: the
+            blocks of tap pairs ``k <= k'``, rows and columns tap-major ``(k.., c)``.
         alpha: The scale.
 
     Returns:
-        ``out`` (all of it), rows and columns ``(c, k_1..k_N)`` as the patches.
+        ``out`` (its upper block triangle updated).
     """
     x = group_mean(x, params.groups)
     pads = params.pads()
@@ -262,7 +361,7 @@ def lag_covariance(
     taps = list(itertools.product(*(range(k) for k in kernel)))
     if out is None:
         out = x.new_zeros(channels * len(taps), channels * len(taps))
-    result = out.view(channels, len(taps), channels, len(taps))
+    result = out.view(len(taps), channels, len(taps), channels)
     by_lag: dict[tuple[int, ...], list[tuple[int, int]]] = {}
     for a, ka in enumerate(taps):
         for b in range(a, len(taps)):
@@ -275,10 +374,7 @@ def lag_covariance(
                 (k * d - left, k * d - left + o)
                 for k, d, (left, _), o in zip(taps[a], dilation, pads, out_size)
             ]
-            block = edges.box(window)
-            result[:, a, :, b].add_(block, alpha=alpha)
-            if a != b:
-                result[:, b, :, a].add_(block.T, alpha=alpha)
+            result[a, :, b, :].add_(edges.box(window), alpha=alpha)
     return out
 
 

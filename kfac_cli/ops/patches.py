@@ -61,7 +61,12 @@ def _with_bias_column(shape: Sequence[int], bias_column: bool, like: Tensor) -> 
 
 
 def conv_patches(
-    x: Tensor, params: ConvParams, bias_column: bool = False, out: Tensor | None = None
+    x: Tensor,
+    params: ConvParams,
+    bias_column: bool = False,
+    out: Tensor | None = None,
+    *,
+    taps_first: bool = False,
 ) -> Tensor:
     """KFAC-expand patches of a convolution input.
 
@@ -71,6 +76,8 @@ def conv_patches(
         bias_column: Append a column of ones.
         out: Optional contiguous buffer of the result's shape and dtype to write into
             (reusing one buffer avoids the cost of touching fresh memory).
+        taps_first: Columns ``(k_1, ..., k_N, c)`` instead of the format's ``(c, k_1, ...,
+            k_N)`` (the order factor sums accumulate in).
 
     Returns:
         ``[B, O_1*..*O_N, (C_in/G)*K_1*..*K_N (+1)]``.
@@ -88,7 +95,11 @@ def conv_patches(
             raise ValueError(f"out must be a contiguous {x.dtype} tensor of shape {shape}")
         if bias_column:
             out[..., -1] = 1
-    dst = out[..., :cols].unflatten(2, (channels, *params.kernel_size)).unflatten(1, out_size)
+    if taps_first:  # the same [B, O.., C, K..] view of columns (k.., c)
+        dst = out[..., :cols].unflatten(2, (*params.kernel_size, channels)).movedim(-1, 2)
+    else:
+        dst = out[..., :cols].unflatten(2, (channels, *params.kernel_size))
+    dst = dst.unflatten(1, out_size)
     if x.device.type != "cpu":  # one strided-copy kernel beats many small launches
         _copy_strided(_pad(x, params.pads(), params.padding_mode), params, out_size, dst)
         return out
