@@ -36,6 +36,7 @@ from kfac_cli.ops.factors import (
 FORMAT = "kfac-cli/factors"
 GRADIENTS_FORMAT = "kfac-cli/output-gradients"
 FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+WRITE_BYTES = 2 * 2**20  # rows of a factor made symmetric and reordered at a time
 
 
 @dataclass(frozen=True)
@@ -560,7 +561,7 @@ class _Accumulator:
             put(plan.key, value.to(CPU, self.dtype))
             return
         upper, perm = value  # written row block by row block, symmetric and reordered
-        step = max(1, self.job.chunk_bytes // (upper.shape[1] * upper.element_size()))
+        step = max(1, WRITE_BYTES // (upper.shape[1] * upper.element_size()))
         for start in range(0, upper.shape[0], step):
             put(plan.key, symmetric_rows(upper, perm, start, start + step).to(CPU, self.dtype))
 

@@ -38,9 +38,11 @@ class BufferPool:
         self._device, self._pin = device, pin_memory
 
     def get(self, nbytes: int) -> Tensor:
-        """A ``uint8`` buffer of at least ``nbytes`` (blocks until one is free)."""
+        """A ``uint8`` buffer of at least ``nbytes`` (blocks until one is free); one far
+        larger than needed is given back to the allocator, so memory follows the chunks
+        of the layer in hand, not the largest chunk ever read."""
         buf = self._free.get()
-        if buf is None or buf.numel() < nbytes:
+        if buf is None or buf.numel() < nbytes or buf.numel() > 4 * max(nbytes, 2**20):
             buf = torch.empty(
                 max(nbytes, 1), dtype=torch.uint8, device=self._device, pin_memory=self._pin
             )

@@ -50,6 +50,7 @@ from kfac_cli.ops.patches import (
 # and the cost of one small product in multiply-adds.
 GRAM_MIN, GRAM_BLOCKS = 384, 6
 PATCH_ROWS = 2048
+WIDE_MAX = 1024
 CROSS_ROWS = 4096
 OP_OVERHEAD_FLOPS = 2e5
 
@@ -306,8 +307,9 @@ def _patch_covariance(x: Tensor, params: ConvParams, out: Tensor, alpha: float) 
     rows = locations(x.shape, plain)
     step = max(1, -(-PATCH_ROWS // max(rows, 1)))
     buf = x.new_empty(min(step, batch) * rows * d)
-    # Chunks' products summed in float64: no more rounding than one chunk's product.
-    wide = step < batch and x.dtype != torch.float64
+    # Chunks' products summed in float64 (no more rounding than one chunk's product) where
+    # that sum is small beside the patches.
+    wide = step < batch and x.dtype != torch.float64 and d <= WIDE_MAX
     part = x.new_empty(d, d) if wide else None
     total = out.new_zeros(d, d, dtype=torch.float64) if wide else None
     for start in range(0, batch, step):
