@@ -19,7 +19,7 @@ from kfac_cli.errors import KfacError
 from kfac_cli.files.sources import Tensors, fingerprint, open_tensors
 from kfac_cli.jobs.distributed import RankFailed, Ranks, ranks_from_env
 from kfac_cli.jobs.patches import check_input, layer_meta, select_keys
-from kfac_cli.jobs.pipeline import BufferPool, Prefetcher
+from kfac_cli.jobs.pipeline import BufferPool, Prefetcher, view
 from kfac_cli.jobs.skeleton import CPU, Finite, Job, Plan, Reporter, chunks
 from kfac_cli.models.load import load_layer_table
 from kfac_cli.models.table import Layer
@@ -29,7 +29,7 @@ from kfac_cli.ops.factors import (
     locations,
     loss_correction,
     mirror_,
-    symmetric_rows,
+    reordered_rows,
     tap_order,
 )
 
@@ -347,7 +347,6 @@ def _run(
                     metadata,
                     accumulate.produce,
                     before_commit=lambda: _finish(acts + grad_srcs, ranks),
-                    background=False,  # one layer's factors in memory at a time
                 )
                 ranks.publish()
             else:
@@ -523,7 +522,10 @@ class _Accumulator:
         self.dtype = job.cast or torch.float32
         self.stage = job.stage()
         self.done: dict[str, torch.Tensor] = {}
+        self.summed: set[str] = set()
+        self.scratch: dict[str, torch.Tensor] = {}  # buffers the sums reuse chunk to chunk
         self.pool = BufferPool(4, CPU, pin_memory=self.stage.cuda)
+        self.out_pool = BufferPool(3, CPU)
         self.prefetch = Prefetcher(self._reads(works), self.pool, ahead=2)
 
     def _rows(self, info, start: int, stop: int, grads: bool):
@@ -554,32 +556,50 @@ class _Accumulator:
                     yield nbytes, lambda buf, s=src, k=key, r=(row_len, a, b): s.read(k, buf, r)
 
     def produce(self, plan: Plan, put) -> None:
-        if plan.key not in self.done:
-            self._layer(self.works[plan.meta["layer"]])
-        value = self.done.pop(plan.key)
+        layer = plan.meta["layer"]
+        if layer not in self.summed:
+            self.done.clear()
+            self._layer(self.works[layer])
+            self.summed.add(layer)
+        value = self.done.pop(plan.key, None)
+        if value is None or not self.ranks.writer:  # another rank's sums: nothing to write
+            return
         if not isinstance(value, tuple):  # an eigendecomposition
             put(plan.key, value.to(CPU, self.dtype))
             return
-        upper, perm = value  # written row block by row block, symmetric and reordered
-        step = max(1, WRITE_BYTES // (upper.shape[1] * upper.element_size()))
-        for start in range(0, upper.shape[0], step):
-            put(plan.key, symmetric_rows(upper, perm, start, start + step).to(CPU, self.dtype))
+        sym, perm = value  # written in row blocks, in the format's order, while the next
+        width = sym.shape[1]  # layer is summed (each block copied out of the factor)
+        step = max(1, WRITE_BYTES // (width * sym.element_size()))
+        for start in range(0, sym.shape[0], step):
+            rows = min(step, sym.shape[0] - start)
+            buf = self.out_pool.get(rows * width * self.dtype.itemsize)
+            block = view(buf, self.dtype, (rows, width))
+            if perm is None:
+                block.copy_(sym[start : start + rows])
+            else:
+                self.scratch["out"] = block.view(-1)  # the reordered rows land in the block
+                reordered_rows(sym, perm, start, start + rows, self.scratch)
+            put(plan.key, block, None, lambda b=buf: self.out_pool.put(b))
+        self.scratch.pop("out", None)
 
     def _layer(self, w: Work) -> None:
         """Sum, combine over ranks, scale, symmetrise (and decompose) one layer's factors.
 
         One buffer holds both sums (one collective per layer): their upper triangles,
-        ``A``'s rows tap-major (see :func:`~kfac_cli.ops.factors.tap_order`), added and
-        scaled in place; they are written in row blocks, made symmetric and reordered on
-        the way: no temporary of a factor's size."""
+        ``A``'s rows tap-major (see :func:`~kfac_cli.ops.factors.tap_order`), added,
+        scaled and mirrored in place, then written in row blocks reordered on the way: no
+        temporary of a factor's size."""
         device = self.stage.device
+        self.scratch.clear()  # buffers are reused across a layer's chunks, not kept after
         sizes = [w.d] + ([w.c_out] if self.grads else [])
         flat = torch.zeros(sum(n * n for n in sizes), dtype=self.dtype, device=device)
         a_sum = flat[: w.d * w.d].view(w.d, w.d)
         bias = w.layer.bias is not None and not self.separate_bias
         for _, info, x in self._chunks_of(w, grads=False):
             o = 1 if self.approx is KFACType.REDUCE else locations(info.shape, w.layer.conv)
-            input_covariance(x, w.layer.conv, self.approx, bias, out=a_sum, alpha=1.0 / o)
+            input_covariance(
+                x, w.layer.conv, self.approx, bias, out=a_sum, alpha=1.0 / o, scratch=self.scratch
+            )
         factors = {"A": a_sum}
         if self.grads:
             g_sum = flat[w.d * w.d :].view(w.c_out, w.c_out)
@@ -599,15 +619,13 @@ class _Accumulator:
         self.ranks.sum_(flat)
         a_sum.div_(self.n)
         taps = 1 if w.layer.conv is None else math.prod(w.layer.conv.kernel_size)
-        orders = {
-            "A": tap_order((w.d - bias) // taps, taps, bias, device),
-            "G": torch.arange(w.c_out, device=device),
-        }
+        orders = {"A": tap_order((w.d - bias) // taps, taps, bias, device) if taps > 1 else None}
         for name, upper in factors.items():
             key = f"{w.layer.name}.{name}"
-            self.done[key] = (upper, orders[name])
-            if self.eigh:
-                full = symmetric_rows(upper, orders[name]).double()
+            sym = mirror_(upper)
+            self.done[key] = (sym, orders.get(name))
+            if self.eigh and self.ranks.writer:
+                full = reordered_rows(sym, orders.get(name)).double()
                 vals, vecs = torch.linalg.eigh(full)
                 self.done[f"{key}.eigenvalues"] = vals
                 self.done[f"{key}.eigenvectors"] = vecs

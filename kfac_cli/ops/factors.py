@@ -93,16 +93,38 @@ def tap_order(channels: int, taps: int, bias: bool, device=None) -> Tensor:
     return perm
 
 
-def symmetric_rows(upper: Tensor, perm: Tensor, start: int = 0, stop: int | None = None) -> Tensor:
-    """Rows ``start:stop`` of the symmetric matrix whose upper triangle is ``upper``, in
-    the order ``perm`` maps from (:func:`tap_order`): ``M[i, j] = S[perm i, perm j]`` with
-    ``S`` the symmetric completion of ``upper``. Exactly symmetric; memory: the rows."""
+def reordered_rows(
+    sym: Tensor,
+    perm: Tensor | None,
+    start: int = 0,
+    stop: int | None = None,
+    scratch: dict | None = None,
+) -> Tensor:
+    """Rows ``start:stop`` of ``sym[perm][:, perm]`` (``perm`` from :func:`tap_order`;
+    ``None``: no reordering, a view of ``sym``). Memory: the rows (in ``scratch`` buffers,
+    reused from call to call, if given: the result is one of them)."""
+    if perm is None:
+        return sym[start:stop]
     t = perm[start:stop]
-    rows = upper.index_select(0, t)
-    cols = upper.index_select(1, t).T
-    j = torch.arange(upper.shape[1], device=upper.device)
-    full = torch.where(j[None, :] < t[:, None], cols, rows)
-    return full.index_select(1, perm)
+    rows = torch.index_select(
+        sym, 0, t, out=scratch_buffer(scratch, "rows", (len(t), sym.shape[1]), sym)
+    )
+    return torch.index_select(rows, 1, perm, out=scratch_buffer(scratch, "out", rows.shape, sym))
+
+
+def scratch_buffer(
+    scratch: dict | None, name: str, shape: Sequence[int], like: Tensor, dtype=None
+) -> Tensor:
+    """An uninitialised ``shape`` tensor: fresh, or from ``scratch[name]`` (grown as needed),
+    so that a loop over chunks does not touch fresh memory on every step."""
+    dtype = dtype or like.dtype
+    n = prod(shape)
+    if scratch is None:
+        return torch.empty(tuple(shape), dtype=dtype, device=like.device)
+    buf = scratch.get(name)
+    if buf is None or buf.numel() < n or buf.dtype != dtype or buf.device != like.device:
+        buf = scratch[name] = torch.empty(n, dtype=dtype, device=like.device)
+    return buf[:n].view(tuple(shape))
 
 
 def _taps_first(rows: Tensor, taps: int) -> Tensor:
@@ -110,7 +132,7 @@ def _taps_first(rows: Tensor, taps: int) -> Tensor:
     return rows.unflatten(1, (-1, taps)).transpose(1, 2).reshape(rows.shape[0], -1)
 
 
-def mirror_(s: Tensor, block: int = 1024) -> Tensor:
+def mirror_(s: Tensor, block: int = 256) -> Tensor:
     """Copy ``s``'s upper triangle onto its lower one, in place, block by block (no
     temporary of ``s``'s size): ``s`` becomes exactly symmetric."""
     n = s.shape[0]
@@ -138,6 +160,7 @@ def input_covariance(
     out: Tensor | None = None,
     alpha: float = 1.0,
     method: str | None = None,
+    scratch: dict | None = None,
 ) -> Tensor:
     """``Σ a aᵀ`` over one chunk's rows: the full matrix, or added to an accumulator.
 
@@ -151,6 +174,7 @@ def input_covariance(
             upper triangle, rows and columns in tap-major order (see :func:`tap_order`).
         alpha: The scale (``1/O`` for expand, so that sums over chunks divide by ``N`` only).
         method: ``lags`` or ``patches`` (expand of a conv only; default: by geometry).
+        scratch: Buffers to reuse from chunk to chunk (see :func:`scratch_buffer`).
 
     Returns:
         ``out``; without it, the symmetric sum in the format's order (``(c, k..)``, bias
@@ -174,7 +198,7 @@ def input_covariance(
         gram(rows, weights, alpha)
         sums, count = rows.sum(0), rows.shape[0]
     else:
-        conv_covariance(x, params, out=weights, alpha=alpha, method=method)
+        conv_covariance(x, params, out=weights, alpha=alpha, method=method, scratch=scratch)
         o = locations(x.shape, params)
         sums = _taps_first(conv_averaged_patches(x, params).sum(0, keepdim=True), taps)[0] * o
         count = x.shape[0] * o
@@ -183,7 +207,7 @@ def input_covariance(
         out[d, d] += alpha * count
     if not full:
         return out
-    return symmetric_rows(out, tap_order(d // taps, taps, bias_column, out.device))
+    return reordered_rows(mirror_(out), tap_order(d // taps, taps, bias_column, out.device))
 
 
 def expand_method(shape: Sequence[int], params: ConvParams) -> str:
@@ -213,6 +237,7 @@ def conv_covariance(
     out: Tensor | None = None,
     alpha: float = 1.0,
     method: str | None = None,
+    scratch: dict | None = None,
 ) -> Tensor:
     """``Σ_{b,o} p pᵀ`` over the expand patches of ``x: [B, C_in, *I]``, ``[D, D]``.
 
@@ -228,7 +253,7 @@ def conv_covariance(
         out = x.new_zeros(channels * taps, channels * taps)
     live = _live_taps(x.shape[2:], params)
     if live is None:
-        _covariance(x, params, out, alpha, method)
+        _covariance(x, params, out, alpha, method, scratch)
     elif all(len(r) for r in live):
         sub = ConvParams(
             tuple(len(r) for r in live),
@@ -248,6 +273,7 @@ def conv_covariance(
             x.new_zeros(channels * prod(sub.kernel_size), channels * prod(sub.kernel_size)),
             alpha,
             method,
+            scratch,
         )
         index = torch.tensor(
             [
@@ -260,7 +286,9 @@ def conv_covariance(
         for a, ta in enumerate(index.tolist()):
             for b in range(a, len(index)):
                 dense[ta, :, index[b], :].add_(pieces[a, :, b, :])
-    return symmetric_rows(out, tap_order(channels, taps, False, out.device)) if full else out
+    if not full:
+        return out
+    return reordered_rows(mirror_(out), tap_order(channels, taps, False, out.device))
 
 
 def _strides(kernel: Sequence[int]) -> list[int]:
@@ -284,19 +312,21 @@ def _live_taps(size: Sequence[int], params: ConvParams) -> list[range] | None:
     return live
 
 
-def _covariance(x: Tensor, params: ConvParams, out: Tensor, alpha: float, method) -> Tensor:
+def _covariance(x: Tensor, params: ConvParams, out: Tensor, alpha: float, method, scratch):
     method = method or expand_method(x.shape, params)
     if method == "lags":
         if any(s != 1 for s in params.stride):
             raise ValueError("the lags method needs stride 1")
-        return lag_covariance(x, params, out=out, alpha=alpha)
+        return lag_covariance(x, params, out=out, alpha=alpha, scratch=scratch)
     if method == "patches":
-        _patch_covariance(x, params, out, alpha)
+        _patch_covariance(x, params, out, alpha, scratch)
         return out
     raise ValueError(f"method must be lags or patches, not {method!r}")
 
 
-def _patch_covariance(x: Tensor, params: ConvParams, out: Tensor, alpha: float) -> None:
+def _patch_covariance(
+    x: Tensor, params: ConvParams, out: Tensor, alpha: float, scratch: dict | None
+) -> None:
     """Patches (tap-major columns) formed :data:`PATCH_ROWS` rows at a time, each chunk's
     symmetric product added to ``out``'s upper triangle."""
     x = group_mean(x, params.groups)
@@ -306,12 +336,12 @@ def _patch_covariance(x: Tensor, params: ConvParams, out: Tensor, alpha: float) 
     batch, d = x.shape[0], plain.patch_size(x.shape[1])
     rows = locations(x.shape, plain)
     step = max(1, -(-PATCH_ROWS // max(rows, 1)))
-    buf = x.new_empty(min(step, batch) * rows * d)
+    buf = scratch_buffer(scratch, "patches", (min(step, batch) * rows * d,), x)
     # Chunks' products summed in float64 (no more rounding than one chunk's product) where
     # that sum is small beside the patches.
     wide = step < batch and x.dtype != torch.float64 and d <= WIDE_MAX
-    part = x.new_empty(d, d) if wide else None
-    total = out.new_zeros(d, d, dtype=torch.float64) if wide else None
+    part = scratch_buffer(scratch, "part", (d, d), x) if wide else None
+    total = scratch_buffer(scratch, "total", (d, d), x, torch.float64).zero_() if wide else None
     for start in range(0, batch, step):
         xb = x[start : start + step]
         chunk = buf[: xb.shape[0] * rows * d].view(-1, rows, d)
@@ -325,7 +355,12 @@ def _patch_covariance(x: Tensor, params: ConvParams, out: Tensor, alpha: float) 
 
 
 def lag_covariance(
-    x: Tensor, params: ConvParams, *, out: Tensor | None = None, alpha: float = 1.0
+    x: Tensor,
+    params: ConvParams,
+    *,
+    out: Tensor | None = None,
+    alpha: float = 1.0,
+    scratch: dict | None = None,
 ) -> Tensor:
     """``Σ_{b,o} p pᵀ`` of a stride-1 convolution from channel products at shared lags.
 
@@ -358,7 +393,10 @@ def lag_covariance(
     )
     kernel, dilation = params.kernel_size, params.dilation
     gaps = [(k - 1) * d for k, d in zip(kernel, dilation)]
-    z = x.new_zeros(batch, *(i + g for i, g in zip(size, gaps)), channels)
+    z = scratch_buffer(
+        scratch, "gapped", (batch, *(i + g for i, g in zip(size, gaps)), channels), x
+    )
+    z.zero_()
     z[(slice(None), *(slice(0, i) for i in size))] = rearrange(x, "b c ... -> b ... c")
     taps = list(itertools.product(*(range(k) for k in kernel)))
     if out is None:
