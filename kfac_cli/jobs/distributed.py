@@ -7,7 +7,7 @@ nccl for CUDA, each rank on ``cuda:LOCAL_RANK``) and each rank:
 
 - reads its share of the inputs (:meth:`Ranks.share`): whole files round-robin when there
   are at least as many files as ranks, else a range of every file's batch rows;
-- sums what it read, and adds the sums up on rank 0 with one ``reduce`` per layer;
+- sums what it read, and adds the sums up with one ``all_reduce`` per layer;
 - agrees before anything is written: a rank that fails sets a key in the rendezvous store,
   the others see it between chunks and stop (quietly: the failing rank prints the one
   error line); every rank beats a heartbeat into the store, so a rank that dies is noticed
@@ -228,7 +228,7 @@ class TorchrunRanks(Ranks):
         start = time.perf_counter()
         self._sums += 1
         self._wait_all(f"sum{self._sums}")  # all arrive: the collective itself waits no more
-        self._ask(self.dist.reduce, tensor, dst=0)
+        self._ask(self.dist.all_reduce, tensor)  # gloo's is faster than its reduce
         self.waited += time.perf_counter() - start
         return tensor
 

@@ -617,6 +617,8 @@ class _Accumulator:
             for key in w.keys:
                 self.finite[id(src)].report(key, math.prod(src.infos[key].shape))
         self.ranks.sum_(flat)
+        if not self.ranks.writer:  # its sums are in the writer's total now
+            return
         a_sum.div_(self.n)
         taps = 1 if w.layer.conv is None else math.prod(w.layer.conv.kernel_size)
         orders = {"A": tap_order((w.d - bias) // taps, taps, bias, device) if taps > 1 else None}
