@@ -30,7 +30,7 @@ from kfac_cli.ops.factors import (
     loss_correction,
     mirror_,
     reordered_rows,
-    tap_order,
+    sum_order,
 )
 
 FORMAT = "kfac-cli/factors"
@@ -522,6 +522,7 @@ class _Accumulator:
         self.dtype = job.cast or torch.float32
         self.stage = job.stage()
         self.done: dict[str, torch.Tensor] = {}
+        self.sums: torch.Tensor | None = None  # a layer's factor sums, reused layer to layer
         self.summed: set[str] = set()
         self.scratch: dict[str, torch.Tensor] = {}  # buffers the sums reuse chunk to chunk
         self.pool = BufferPool(4, CPU, pin_memory=self.stage.cuda)
@@ -586,13 +587,18 @@ class _Accumulator:
         """Sum, combine over ranks, scale, symmetrise (and decompose) one layer's factors.
 
         One buffer holds both sums (one collective per layer): their upper triangles,
-        ``A``'s rows tap-major (see :func:`~kfac_cli.ops.factors.tap_order`), added,
-        scaled and mirrored in place, then written in row blocks reordered on the way: no
-        temporary of a factor's size."""
+        ``A``'s in :func:`~kfac_cli.ops.factors.sum_order`, added, scaled and mirrored in
+        place, then written in row blocks reordered on the way: no temporary of a factor's
+        size. The next layer reuses the buffer (its rows are written by then): no fresh
+        memory to touch for each layer."""
         device = self.stage.device
         self.scratch.clear()  # buffers are reused across a layer's chunks, not kept after
         sizes = [w.d] + ([w.c_out] if self.grads else [])
-        flat = torch.zeros(sum(n * n for n in sizes), dtype=self.dtype, device=device)
+        total = sum(n * n for n in sizes)
+        if self.sums is None or self.sums.numel() < total:
+            self.sums = None  # the smaller one is freed first
+            self.sums = torch.empty(total, dtype=self.dtype, device=device)
+        flat = self.sums[:total].zero_()
         a_sum = flat[: w.d * w.d].view(w.d, w.d)
         bias = w.layer.bias is not None and not self.separate_bias
         for _, info, x in self._chunks_of(w, grads=False):
@@ -621,7 +627,7 @@ class _Accumulator:
             return
         a_sum.div_(self.n)
         taps = 1 if w.layer.conv is None else math.prod(w.layer.conv.kernel_size)
-        orders = {"A": tap_order((w.d - bias) // taps, taps, bias, device) if taps > 1 else None}
+        orders = {"A": sum_order((w.d - bias) // taps, w.layer.conv, self.approx, bias, device)}
         for name, upper in factors.items():
             key = f"{w.layer.name}.{name}"
             sym = mirror_(upper)

@@ -93,6 +93,17 @@ def tap_order(channels: int, taps: int, bias: bool, device=None) -> Tensor:
     return perm
 
 
+def sum_order(
+    channels: int, params: ConvParams | None, approx: KFACType | str, bias: bool, device=None
+) -> Tensor | None:
+    """The order :func:`input_covariance` accumulates in: tap-major (:func:`tap_order`) for
+    the expand sums of a conv with several taps, the format's own (``None``) otherwise."""
+    taps = 1 if params is None else prod(params.kernel_size)
+    if taps == 1 or KFACType(approx) is KFACType.REDUCE:
+        return None
+    return tap_order(channels, taps, bias, device)
+
+
 def reordered_rows(
     sym: Tensor,
     perm: Tensor | None,
@@ -171,7 +182,7 @@ def input_covariance(
             the averaged patches, one per sample).
         bias_column: Whether rows carry a ones column (joint weight and bias).
         out: An accumulator ``[D (+1), D (+1)]`` to add ``alpha`` times the sum to: its
-            upper triangle, rows and columns in tap-major order (see :func:`tap_order`).
+            upper triangle, rows and columns in :func:`sum_order`.
         alpha: The scale (``1/O`` for expand, so that sums over chunks divide by ``N`` only).
         method: ``lags`` or ``patches`` (expand of a conv only; default: by geometry).
         scratch: Buffers to reuse from chunk to chunk (see :func:`scratch_buffer`).
@@ -186,7 +197,7 @@ def input_covariance(
         rows = x.reshape(x.shape[0], -1, x.shape[-1])
         rows = rows.mean(1) if reduce else rows.reshape(-1, rows.shape[-1])
     elif reduce:
-        rows = _taps_first(conv_averaged_patches(x, params), taps)
+        rows = conv_averaged_patches(x, params)
     else:
         rows = None
     d = rows.shape[1] if rows is not None else params.patch_size(x.shape[1])
@@ -207,7 +218,8 @@ def input_covariance(
         out[d, d] += alpha * count
     if not full:
         return out
-    return reordered_rows(mirror_(out), tap_order(d // taps, taps, bias_column, out.device))
+    order = sum_order(d // taps, params, approx, bias_column, out.device)
+    return reordered_rows(mirror_(out), order)
 
 
 def expand_method(shape: Sequence[int], params: ConvParams) -> str:
