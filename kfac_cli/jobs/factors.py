@@ -522,7 +522,6 @@ class _Accumulator:
         self.dtype = job.cast or torch.float32
         self.stage = job.stage()
         self.done: dict[str, torch.Tensor] = {}
-        self.sums: torch.Tensor | None = None  # a layer's factor sums, reused layer to layer
         self.summed: set[str] = set()
         self.scratch: dict[str, torch.Tensor] = {}  # buffers the sums reuse chunk to chunk
         self.pool = BufferPool(4, CPU, pin_memory=self.stage.cuda)
@@ -589,16 +588,12 @@ class _Accumulator:
         One buffer holds both sums (one collective per layer): their upper triangles,
         ``A``'s in :func:`~kfac_cli.ops.factors.sum_order`, added, scaled and mirrored in
         place, then written in row blocks reordered on the way: no temporary of a factor's
-        size. The next layer reuses the buffer (its rows are written by then): no fresh
-        memory to touch for each layer."""
+        size (nor kept from layer to layer: a large one would stay beside the next
+        layer's chunks)."""
         device = self.stage.device
         self.scratch.clear()  # buffers are reused across a layer's chunks, not kept after
         sizes = [w.d] + ([w.c_out] if self.grads else [])
-        total = sum(n * n for n in sizes)
-        if self.sums is None or self.sums.numel() < total:
-            self.sums = None  # the smaller one is freed first
-            self.sums = torch.empty(total, dtype=self.dtype, device=device)
-        flat = self.sums[:total].zero_()
+        flat = torch.zeros(sum(n * n for n in sizes), dtype=self.dtype, device=device)
         a_sum = flat[: w.d * w.d].view(w.d, w.d)
         bias = w.layer.bias is not None and not self.separate_bias
         for _, info, x in self._chunks_of(w, grads=False):

@@ -180,7 +180,7 @@ def bench_factor_kernels(folder: Path, args, report: dict, fmt) -> None:
     our symmetric product on the same patches; accuracy against float64."""
     import torch
 
-    from kfac_cli.ops.factors import conv_covariance, gram, mirror_
+    from kfac_cli.ops.factors import conv_covariance, gram, mirror_, reordered_rows, sum_order
     from kfac_cli.ops.patches import conv_patches
     from tests.benchmarks.workload import PRESETS, layers
 
@@ -212,8 +212,10 @@ def bench_factor_kernels(folder: Path, args, report: dict, fmt) -> None:
                 totals.setdefault(name, []).append(time.perf_counter() - start)
         exact = patches.double().T @ patches.double()
         scale = exact.abs().max()
-        ours()
-        worst["ours"] = max(worst["ours"], ((out.double() - exact).abs().max() / scale).item())
+        ours()  # its sum is tap-major: compared in the format's order
+        order = sum_order(layer.c_in // params.groups, params, "expand", False)
+        got = reordered_rows(out, order).double()
+        worst["ours"] = max(worst["ours"], ((got - exact).abs().max() / scale).item())
         anchor = torch.einsum("bi,bj->ij", patches, patches)
         worst["anchor"] = max(
             worst["anchor"], ((anchor.double() - exact).abs().max() / scale).item()
