@@ -147,7 +147,10 @@ def record(
         fisher_type: ``type-2``, ``mc``, ``empirical`` or ``forward-only``.
         mc_samples: Labels sampled per datum (``mc`` only).
         seed: Seed of the label sampler (curvlinops' default).
-        modules: Only these module names (default: every layer).
+        modules: Only these module names (default: every such module). A module that
+            computes its weight inside ``forward`` (BiT's weight standardisation) looks like
+            a layer from outside: pass the names ``kfac-cli layers`` treats to leave it out,
+            e.g. ``[la.name for la in load_layer_table("model.pt2").layers]``.
         force: Replace existing dumps.
 
     Returns:
@@ -210,7 +213,7 @@ def record(
                 if key in recorder.grads:
                     grads[key] = torch.stack(recorder.grads[key])
                 else:  # a layer the loss does not reach
-                    shape = (vectors, batch, *_output_shape(key, recorder, x_in))
+                    shape = (vectors, x_in.shape[0], *_output_shape(key, recorder, x_in))
                     grads[key] = x_in.new_zeros(shape)
             meta = {
                 "format": GRADIENTS_FORMAT,

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
@@ -24,13 +25,25 @@ from tests.conftest import invoke, kfac_cli_exe
 RANK_RTOL = 1e-6
 
 
+class Windows(nn.Module):
+    """A linear layer on 4x4 windows with the batch folded in (``[B·4, 16, C]``): row ranges
+    of a file split its rows by sample."""
+
+    def __init__(self, c: int) -> None:
+        super().__init__()
+        self.mix = nn.Linear(c, c)
+
+    def forward(self, x):
+        b, c = x.shape[:2]
+        x = x.reshape(b, c, 2, 4, 2, 4).permute(0, 2, 4, 3, 5, 1).reshape(b * 4, 16, c)
+        return self.mix(x).reshape(b, -1)
+
+
 @pytest.fixture(scope="module")
 def shards(tmp_path_factory):
     folder = tmp_path_factory.mktemp("dist")
     torch.manual_seed(0)
-    model = nn.Sequential(
-        nn.Conv2d(3, 6, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(6 * 8 * 8, 4)
-    )
+    model = nn.Sequential(nn.Conv2d(3, 6, 3, padding=1), nn.ReLU(), Windows(6), nn.Linear(384, 4))
     data = [(torch.randn(5, 3, 8, 8), torch.randint(0, 4, (5,))) for _ in range(7)]
     pairs = record(model, data, nn.CrossEntropyLoss(), folder, fisher_type="empirical")
     pt2 = folder / "model.pt2"
@@ -108,7 +121,8 @@ def test_a_bad_shard_on_one_rank_fails_every_rank(shards, tmp_path):
     x = load_file(acts[1])
     x["3"][0, 0] = float("nan")  # only rank 1 reads this file
     bad = tmp_path / "nan.safetensors"
-    save_file(x, bad)
+    with safe_open(acts[1], "pt") as f:
+        save_file(x, bad, metadata=f.metadata())  # the batch size: a layer folds the batch
     out = tmp_path / "out.safetensors"
     start = time.monotonic()
     proc = torchrun("factors", pt2, acts[0], bad, "-o", out, "--strict")

@@ -520,6 +520,55 @@ def test_shared_layer_accumulates_every_call(tmp_path):
         torch.testing.assert_close(got[f"{name}.G"], reference._gradient_covariances[name])
 
 
+class Windows(nn.Module):
+    """A conv, then a linear layer on 2x2 windows with the batch folded in (``[B·4, N, C]``,
+    batch slowest, as Swin's and MobileViT's attention see it), then a head."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+        self.mix = nn.Linear(4, 5)
+        self.head = nn.Linear(5 * 16, 3)
+
+    def forward(self, x):
+        b = x.shape[0]
+        x = torch.tanh(self.conv(x))  # [B, 4, 4, 4]
+        x = x.reshape(b, 4, 2, 2, 2, 2).permute(0, 3, 5, 2, 4, 1).reshape(b * 4, 4, 4)
+        return self.head(torch.tanh(self.mix(x)).reshape(b, -1))
+
+
+@pytest.mark.parametrize("approx", ["expand", "reduce"])
+@pytest.mark.parametrize("reduction", ["sum", "mean"])
+def test_folded_batch_layers_count_samples_from_the_metadata(tmp_path, approx, reduction):
+    """A layer whose leading axis folds the batch: rows as curvlinops sums them, N the
+    samples. curvlinops' mean correction takes the layer's leading axis for the loss batch
+    (16x too large here); ours the batch the recorder records."""
+    torch.manual_seed(3)
+    model = Windows().double()
+    data = [
+        (torch.randn(b, 3, 4, 4, dtype=torch.float64), torch.randint(0, 3, (b,))) for b in (2, 3)
+    ]
+    loss = nn.CrossEntropyLoss(reduction=reduction)
+    reference = curvlinops.KFACLinearOperator(
+        model,
+        loss,
+        list(model.parameters()),
+        data,
+        fisher_type="empirical",
+        kfac_approx=approx,
+        separate_weight_and_bias=False,
+        check_deterministic=False,
+    )
+    reference.compute_kronecker_factors()
+    got, summary, _ = _ours(model, loss, data, tmp_path, "empirical", approx, False)
+    assert summary["num_data"] == 5
+    assert load_file(tmp_path / "acts-00000.safetensors")["mix"].shape == (8, 4, 4)
+    for name in ("conv", "mix", "head"):
+        torch.testing.assert_close(got[f"{name}.A"], reference._input_covariances[name])
+        fold = 16 if name == "mix" and reduction == "mean" else 1
+        torch.testing.assert_close(got[f"{name}.G"], reference._gradient_covariances[name] / fold)
+
+
 def test_library_errors_name_no_flags(shards, tmp_path):
     pt2, acts, _ = shards
     with pytest.raises(KfacError) as info:

@@ -145,8 +145,31 @@ def _batch(src: Tensors, keys: list[str], axis: int) -> int:
     sizes = {src.infos[k].shape[axis] if len(src.infos[k].shape) > axis else -1 for k in keys}
     if len(sizes) != 1 or -1 in sizes:
         shapes = {k: list(src.infos[k].shape) for k in keys}
-        raise KfacError(src.path, None, "one batch size in every tensor", str(shapes)[:120])
+        raise KfacError(
+            src.path,
+            None,
+            "one batch size in every tensor (or the samples as batch_size in the metadata)",
+            str(shapes)[:120],
+        )
     return sizes.pop()
+
+
+def _samples(src: Tensors, keys: list[str]) -> int:
+    """The samples ``B`` an activation dump holds: its metadata's ``batch_size`` (then a
+    tensor's leading axis may fold the batch with other axes, as window attention does:
+    any multiple of ``B``), else the leading size all its tensors share."""
+    recorded = src.metadata.get("batch_size")
+    if recorded is None:
+        return _batch(src, keys, 0)
+    if not recorded.isdigit() or int(recorded) == 0:
+        raise KfacError(src.path, "__metadata__.batch_size", "a positive integer", recorded)
+    b = int(recorded)
+    for k in keys:
+        shape = src.infos[k].shape
+        if not shape or shape[0] % b:
+            want = f"a leading axis that is a multiple of batch_size {b}"
+            raise KfacError(src.path, k, want, str(list(shape)))
+    return b
 
 
 def _output_shape(layer: Layer, input_shape: tuple[int, ...]) -> tuple[int, ...]:
@@ -336,9 +359,8 @@ def _run(
             grads=[fingerprint(s) for s in grad_srcs],
             layers={w.layer.name: _layer_meta(w, acts, separate_bias, forward_only) for w in works},
         )
-        units = ranks.share(batches)
         accumulate = _Accumulator(
-            job, acts, grad_srcs, works, units, approx, conv, n, strict, ranks, separate_bias, eigh
+            job, acts, grad_srcs, works, batches, approx, conv, strict, ranks, separate_bias, eigh
         )
         try:
             if ranks.writer:
@@ -419,7 +441,7 @@ def _plan(table, acts, grads, model, patterns, ignore_unknown, separate_bias, ap
             raise KfacError(
                 src.path, odd, f"the layers of {acts[0].path}", "a different set of layers"
             )
-    batches = [_batch(src, keys, 0) for src, keys in zip(acts, keys_of)]
+    batches = [_samples(src, keys) for src, keys in zip(acts, keys_of)]
     works: dict[str, Work] = {}
     for key in keys_of[0]:
         layer = table.layer(key)
@@ -439,10 +461,16 @@ def _plan(table, acts, grads, model, patterns, ignore_unknown, separate_bias, ap
             odd = sorted(set(src.infos) ^ first)[0]
             found = "a tensor the activations lack" if odd in src.infos else "no such tensor"
             raise KfacError(src.path, odd, f"the layers of {act.path}", found)
+        recorded = src.metadata.get("batch_size")
+        if recorded is not None and recorded != str(batch):
+            raise KfacError(
+                src.path, "__metadata__.batch_size", f"{batch} as in {act.path}", recorded
+            )
         vectors = _batch(src, list(first), 0)
         for key in first:
             layer = table.layer(key)
-            want = (vectors, batch, *_output_shape(layer, act.infos[key].shape))
+            shape = act.infos[key].shape
+            want = (vectors, shape[0], *_output_shape(layer, shape))
             info = src.infos[key]
             if info.shape != want:
                 raise KfacError(
@@ -454,8 +482,8 @@ def _plan(table, acts, grads, model, patterns, ignore_unknown, separate_bias, ap
             if info.dtype not in FLOATS:
                 raise KfacError(src.path, key, "a floating-point dtype", str(info.dtype))
             work = works[layer.name]
-            o = 1 if approx is KFACType.REDUCE else locations(act.infos[key].shape, layer.conv)
-            work.grad_rows += vectors * batch * o
+            o = 1 if approx is KFACType.REDUCE else locations(shape, layer.conv)
+            work.grad_rows += vectors * shape[0] * o
     order = {la.name: i for i, la in enumerate(table.layers)}
     return sorted(works.values(), key=lambda w: order[w.layer.name]), batches
 
@@ -512,11 +540,12 @@ class _Accumulator:
     """Reads, folds and scales one layer at a time, in the order of the plans."""
 
     def __init__(
-        self, job, acts, grads, works, units, approx, conv, n, strict, ranks, separate_bias, eigh
+        self, job, acts, grads, works, batches, approx, conv, strict, ranks, separate_bias, eigh
     ) -> None:
         self.job, self.acts, self.grads = job, acts, grads
+        self.batches, self.n, self.units = batches, sum(batches), ranks.share(batches)
         self.works = {w.layer.name: w for w in works}
-        self.units, self.approx, self.conv, self.n = units, approx, conv, n
+        self.approx, self.conv = approx, conv
         self.ranks, self.separate_bias, self.eigh = ranks, separate_bias, eigh
         self.finite = {id(src): Finite(src.path, strict, job.reporter) for src in acts + grads}
         self.dtype = job.cast or torch.float32
@@ -539,19 +568,22 @@ class _Accumulator:
                 yield row_len, v * batch + start + a, v * batch + start + b
 
     def _inputs(self, w: Work, grads: bool):
-        """``(source, key, info, rows)`` of every chunk of a layer, in reading order."""
+        """``(source, key, info, rows, B)`` of every chunk of a layer, in reading order: a
+        unit's samples ``start:stop`` of a file of ``B`` samples are the rows ``k·start:k·stop``
+        of a tensor whose leading axis folds ``k`` rows per sample."""
         sources = self.grads if grads else self.acts
         for f, start, stop in self.units:
-            src = sources[f]
+            src, samples = sources[f], self.batches[f]
             for key in src.order(w.keys):
                 info = src.infos[key]
-                for rows in self._rows(info, start, stop, grads):
-                    yield src, key, info, rows
+                k = info.shape[1 if grads else 0] // samples
+                for rows in self._rows(info, k * start, k * stop, grads):
+                    yield src, key, info, rows, samples
 
     def _reads(self, works):
         for w in works:
             for grads in (False, True) if self.grads else (False,):
-                for src, key, info, (row_len, a, b) in self._inputs(w, grads):
+                for src, key, info, (row_len, a, b), _ in self._inputs(w, grads):
                     nbytes = (b - a) * row_len * info.dtype.itemsize
                     yield nbytes, lambda buf, s=src, k=key, r=(row_len, a, b): s.read(k, buf, r)
 
@@ -604,10 +636,10 @@ class _Accumulator:
         factors = {"A": a_sum}
         if self.grads:
             g_sum = flat[w.d * w.d :].view(w.c_out, w.c_out)
-            for _, info, g in self._chunks_of(w, grads=True):
+            for samples, _, g in self._chunks_of(w, grads=True):
                 c = loss_correction(
                     self.conv.loss_reduction,
-                    info.shape[1],
+                    samples,
                     self.conv.terms,
                     self.n,
                     self.conv.mc_samples,
@@ -634,9 +666,9 @@ class _Accumulator:
                 self.done[f"{key}.eigenvectors"] = vecs
 
     def _chunks_of(self, w: Work, grads: bool):
-        """``(key, info, chunk on the device)`` of a layer's inputs (or gradients), each
-        chunk's host buffer back to the reader once the chunk has been used."""
-        for src, key, info, (_, a, b) in self._inputs(w, grads):
+        """``(samples of its file, info, chunk on the device)`` of a layer's inputs (or
+        gradients), each chunk's host buffer back to the reader once the chunk has been used."""
+        for src, key, info, (_, a, b), samples in self._inputs(w, grads):
             self.ranks.check()
             x_host, buf = self.prefetch.next()
             shape = (1, b - a, *info.shape[2:]) if grads else (b - a, *info.shape[1:])
@@ -647,7 +679,7 @@ class _Accumulator:
             if x.data_ptr() != x_host.data_ptr():
                 self.pool.put(buf)
                 buf = None
-            yield key, info, x
+            yield samples, info, x
             if buf is not None:  # the sum read the buffer itself: it is free now
                 self.pool.put(buf)
 
