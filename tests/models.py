@@ -166,6 +166,62 @@ class BNNet(nn.Module):
         return self.fc(h.mean((2, 3)))
 
 
+class SharedPart(nn.Module):
+    """CoaT's shared positional conv: one module registered as ``cpe`` and again inside
+    each block (``blocks.0.pos``), and called only through the blocks."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.cpe = nn.Conv2d(4, 4, 3, padding=1, groups=4)
+        self.blocks = nn.ModuleList(_Block(self.cpe) for _ in range(2))
+        self.head = nn.Linear(4, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for block in self.blocks:
+            x = block(x)
+        return self.head(x.mean((2, 3)))
+
+
+class _Block(nn.Module):
+    def __init__(self, pos: nn.Module) -> None:
+        super().__init__()
+        self.pos = pos
+        self.mix = nn.Conv2d(4, 4, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.mix(torch.relu(x + self.pos(x)))
+
+
+class Conv2dSame(nn.Conv2d):
+    """TensorFlow's 'same' as timm's ``Conv2dSame`` computes it: zero padding, the extra
+    row and column at the end, applied in ``forward`` before a conv of padding 0."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        pads = []
+        for size, k, s, d in zip(
+            x.shape[:1:-1], self.kernel_size[::-1], self.stride[::-1], self.dilation[::-1]
+        ):
+            total = max((-(-size // s) - 1) * s + (k - 1) * d + 1 - size, 0)
+            pads += [total // 2, total - total // 2]
+        x = F.pad(x, pads)
+        return F.conv2d(x, self.weight, self.bias, self.stride, 0, self.dilation, self.groups)
+
+
+class PaddedOutside(nn.Module):
+    """A stride-2 'same' conv as timm builds it, and a plain conv whose input the parent
+    module pads (the hook on it records the padded input)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = Conv2dSame(3, 4, 3, stride=2)
+        self.conv = nn.Conv2d(4, 4, 3, padding=1)
+        self.head = nn.Linear(4, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.conv(F.pad(torch.relu(self.stem(x)), [1, 0, 1, 0]))
+        return self.head(h.mean((2, 3)))
+
+
 def hook_dump(model: nn.Module, *inputs: torch.Tensor) -> dict[str, torch.Tensor]:
     """Each nn.Linear and convolution module's input keyed by module name, as a user's
     forward hooks record it (every such module, including those KFAC cannot treat)."""

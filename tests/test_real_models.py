@@ -9,13 +9,23 @@ import stat
 
 import pytest
 import torch
+import torch.nn.functional as F
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file, save_model
+from torch import nn
 
 from kfac_cli.models.load import load_layer_table
 from kfac_cli.ops.patches import layer_patches
+from kfac_cli.record import record
 from tests.conftest import invoke, run_cli
-from tests.models import BNNet, ComputedWeights, TinyGPT, hook_dump
+from tests.models import (
+    BNNet,
+    ComputedWeights,
+    PaddedOutside,
+    SharedPart,
+    TinyGPT,
+    hook_dump,
+)
 
 
 def _export(model, inputs, folder):
@@ -106,6 +116,64 @@ def test_a_tied_state_dict_without_spec_is_one_parameter(gpt):
     table = load_layer_table(gpt["state_pt"])
     assert table.resolve("lm_head.weight") == "wte.weight"
     assert "lm_head.weight" not in table.parameters
+
+
+def test_a_module_shared_under_two_paths_is_named_as_hooks_name_it(tmp_path):
+    """CoaT: the positional conv is ``cpe`` to named_modules() and hooks, but the graph
+    calls it only as ``blocks.0.pos`` and ``blocks.1.pos``."""
+    torch.manual_seed(0)
+    model = SharedPart()
+    pt2, acts, spec = _export(model, (torch.randn(2, 4, 6, 6),), tmp_path)
+    table = load_layer_table(pt2)
+    cpe = table.layer("cpe")
+    assert cpe.name == "cpe" and cpe.calls == 2
+    assert cpe.names == ("cpe", "blocks.0.pos", "blocks.1.pos")
+    assert {table.layer(k).name for k in ("blocks.0.pos", "cpe#1")} == {"cpe"}
+    assert set(load_file(acts)) == {"cpe", "blocks.0.mix", "blocks.1.mix", "head"}
+    out = tmp_path / "p.safetensors"
+    invoke("patches", pt2, acts, "-o", out, check=True)  # no --ignore-unknown
+    assert set(load_file(out)) == set(load_file(acts))
+    data = [(torch.randn(2, 4, 6, 6), torch.randint(0, 3, (2,)))]
+    [(a, g)] = record(model, data, nn.CrossEntropyLoss(), tmp_path / "d", fisher_type="empirical")
+    assert "cpe#1" in load_file(a)
+    invoke("factors", pt2, a, "--grads", g, "-o", tmp_path / "F.safetensors", check=True)
+    assert {"cpe.A", "cpe.G"} <= set(load_file(tmp_path / "F.safetensors"))
+    state = tmp_path / "state.pt"
+    torch.save(model.state_dict(), state)
+    assert load_layer_table(state, spec).to_json()["layers"] == table.to_json()["layers"]
+    grads = tmp_path / "grads.safetensors"
+    save_file(_grads(model, (torch.randn(2, 4, 6, 6),)), grads)
+    canon, back = _round_trip(pt2, grads, tmp_path / "rt")
+    assert "cpe" in load_file(canon)
+    got, want = load_file(back), load_file(grads)
+    assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
+
+
+def test_a_pad_in_the_conv_module_is_its_padding(tmp_path):
+    """timm's Conv2dSame pads in forward: the layer has that (unequal) padding and reads
+    what the hook records; a pad in the parent module stays outside the layer."""
+    torch.manual_seed(0)
+    model = PaddedOutside()
+    x = torch.randn(2, 3, 9, 8)
+    pt2, acts, _ = _export(model, (x,), tmp_path)
+    table = load_layer_table(pt2)
+    assert table.layer("stem").conv.padding == ((1, 1), (0, 1))
+    assert table.layer("conv").conv.padding == (1, 1)
+    out = tmp_path / "p.safetensors"
+    invoke("patches", pt2, acts, "-o", out, check=True)
+    got, dumped = load_file(out), load_file(acts)
+    assert dumped["stem"].shape == x.shape
+    for name, pads in (("stem", [0, 1, 1, 1]), ("conv", [1, 1, 1, 1])):
+        m = getattr(model, name)
+        xp = F.pad(dumped[name], pads)
+        want = F.unfold(xp, m.kernel_size, stride=m.stride).transpose(1, 2)
+        torch.testing.assert_close(got[name], want, rtol=0, atol=0)
+        w = m.weight.flatten(1).T
+        conv = F.conv2d(xp, m.weight, stride=m.stride).flatten(2).transpose(1, 2)
+        torch.testing.assert_close(got[name] @ w, conv)  # the patches' defining property
+    data = [(x, torch.randint(0, 3, (2,)))]
+    [(a, g)] = record(model, data, nn.CrossEntropyLoss(), tmp_path / "d", fisher_type="empirical")
+    invoke("factors", pt2, a, "--grads", g, "-o", tmp_path / "F.safetensors", check=True)
 
 
 def _round_trip(model, tensors, tmp_path, *flags):

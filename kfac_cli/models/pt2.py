@@ -21,6 +21,7 @@ from __future__ import annotations
 import json
 import zipfile
 from collections.abc import Iterator, Mapping
+from dataclasses import replace
 from pathlib import Path, PurePosixPath
 
 from kfac_cli.errors import KfacError
@@ -262,11 +263,13 @@ class _Graph:
         self.calls: set[str] = set()  # the nodes of treated calls (and their transposes)
 
     def table(self) -> LayerTable:
+        paths = set()  # every module path the graph was called through
         for node in self.nodes:
             for out in node.get("outputs", []):
                 if isinstance(out, Mapping) and "as_tensor" in out:
                     self.producers[out["as_tensor"]["name"]] = node
             use = (str(node.get("name")), _op(node), _module_of(node)[0])
+            paths.add(use[2])
             for t in _tensor_inputs(node):
                 if t in self.params:
                     self.uses.setdefault(self.params[t], []).append(use)
@@ -279,6 +282,8 @@ class _Graph:
                 if node not in self.calls
             }
             layers.append(Layer(**{**la.__dict__, "shared_with": tuple(sorted(other))}))
+        names = {n for la in layers for n in la.names}
+        layers = [self._own_name(la, paths | names) for la in layers]
         treated = {n for la in layers for n in (la.weight, la.bias) if n}
         untreated = [
             {
@@ -357,18 +362,9 @@ class _Graph:
         if weight not in self.params:
             return None
         padding, mode = args["padding"], "zeros"
-        pad_node = self.producers.get(_tensor(args["input"]) or "")
-        if pad_node is not None and str(pad_node["target"]).endswith("aten.pad.default"):
-            pad_args = _node_args(
-                pad_node, ("self", "pad", "mode", "value"), {"mode": "constant", "value": None}
-            )
-            same_module = _module_of(pad_node)[0] == _module_of(node)[0]
-            if pad_args["mode"] != "constant" and same_module and padding in (0, [0] * n, "valid"):
-                flat = list(pad_args["pad"])  # last dim first, (left, right) each
-                padding = tuple((flat[2 * i], flat[2 * i + 1]) for i in reversed(range(n)))
-                if all(left == right for left, right in padding):
-                    padding = tuple(left for left, _ in padding)
-                mode = pad_args["mode"]
+        folded = self._padded_by(node, args, n)
+        if folded is not None:
+            padding, mode = folded
         kernel = self.shapes[self.params[weight]][2:]
         try:
             return ConvParams.create(
@@ -376,6 +372,46 @@ class _Graph:
             )
         except KfacError as e:
             raise e.with_context(self.path, str(node.get("name"))) from None
+
+    def _padded_by(self, node: Mapping, args: dict, n: int) -> tuple[tuple, str] | None:
+        """A pad the conv's own module applies to its input first (``padding_mode``
+        reflect/replicate/circular; TensorFlow-style 'same' as timm's ``Conv2dSame`` pads
+        with zeros): ``(padding, mode)`` of one conv that reads the module's input, which
+        is what a forward hook records. ``None``: the conv reads its input as it is."""
+        pad_node = self.producers.get(_tensor(args["input"]) or "")
+        if pad_node is None or _module_of(pad_node)[0] != _module_of(node)[0]:
+            return None
+        target = str(pad_node["target"])
+        if target.endswith("aten.pad.default"):
+            pad_args = _node_args(
+                pad_node, ("self", "pad", "mode", "value"), {"mode": "constant", "value": None}
+            )
+        elif target.endswith("aten.constant_pad_nd.default"):
+            pad_args = _node_args(pad_node, ("self", "pad", "value"), {"value": 0})
+            pad_args["mode"] = "constant"
+        else:
+            return None
+        flat = list(pad_args["pad"])  # last dim first, (left, right) each
+        if len(flat) < 2 * n or any(v != 0 for v in flat[2 * n :]) or min(flat) < 0:
+            return None
+        own = args["padding"]
+        own = [0] * n if own == "valid" else [own] * n if isinstance(own, int) else own
+        if isinstance(own, str) or not all(isinstance(v, int) for v in own):
+            return None
+        mode = pad_args["mode"]
+        if mode == "constant":
+            if pad_args["value"] not in (None, 0):
+                return None
+            mode = "zeros"
+        elif any(own):
+            return None
+        padding = tuple(
+            (flat[2 * i] + own[n - 1 - i], flat[2 * i + 1] + own[n - 1 - i])
+            for i in reversed(range(n))
+        )
+        if all(left == right for left, right in padding):
+            padding = tuple(left for left, _ in padding)
+        return padding, mode
 
     def _call(self, node, op, kind, weight_arg, bias_arg, conv) -> None:
         module, module_type = _module_of(node)
@@ -416,6 +452,23 @@ class _Graph:
             if own in names or module_type.rpartition(".")[2] in _NN_LAYERS:
                 return module
         return layer_name(weight)
+
+    def _own_name(self, la: Layer, taken: set[str]) -> Layer:
+        """A module registered under several paths (``cpe1.proj``, and as a shared part
+        ``blocks.0.cpe.proj``) is called through the others: name it by its first path, the
+        one ``named_modules()`` and forward hooks give it, when its calls own the weight as
+        ``<path>.weight`` and the graph never calls that path itself (a tied head's
+        embedding is called: it stays another module)."""
+        owner = layer_name(la.weight)
+        names = {la.weight, *(a for a, t in self.aliases.items() if t == la.weight)}
+        if (
+            owner in la.names
+            or la.weight != f"{owner}.weight"
+            or owner in taken
+            or not any(f"{m}.weight" in names for m in la.names)
+        ):
+            return la
+        return replace(la, name=owner, modules=la.names)
 
     def _computed(self, tensor: str) -> str:
         """Why a weight is no parameter: the op that computes it, from which parameters."""
