@@ -79,6 +79,16 @@ def _treated(model):
     return [(name, m) for name, m in model.named_modules() if isinstance(m, (nn.Linear, nn.Conv2d))]
 
 
+def _reference(model, loss, data, params=None, **kw):
+    """curvlinops' KFACLinearOperator with its factors computed (joint bias by default)."""
+    kw.setdefault("separate_weight_and_bias", False)
+    reference = curvlinops.KFACLinearOperator(
+        model, loss, params or list(model.parameters()), data, check_deterministic=False, **kw
+    )
+    reference.compute_kronecker_factors()
+    return reference
+
+
 def _ours(model, loss, data, folder, fisher, approx, sep, mc=1, dtype="float64", **kw):
     shards = record(model, data, loss, folder, fisher_type=fisher, mc_samples=mc, force=True)
     pt2 = folder / "model.pt2"
@@ -121,18 +131,16 @@ def test_factors_equal_curvlinops_kfac(tmp_path, kind, loss_name, fisher, reduct
     mc = 2 if fisher == "mc" else 1
     names = [n for n, _ in _treated(model)]
     params = [p for _, m in _treated(model) for p in m.parameters()]
-    reference = curvlinops.KFACLinearOperator(
+    reference = _reference(
         model,
         loss,
-        params,
         data,
+        params,
         fisher_type=fisher,
         mc_samples=mc,
         kfac_approx=approx,
         separate_weight_and_bias=sep,
-        check_deterministic=False,
     )
-    reference.compute_kronecker_factors()
     got, summary, _ = _ours(model, loss, data, tmp_path, fisher, approx, sep, mc)
     assert summary["num_data"] == sum(x.shape[0] for x, _ in data)
     for name in names:
@@ -503,16 +511,7 @@ def test_shared_layer_accumulates_every_call(tmp_path):
     model = Twice().double()
     data = [(torch.randn(4, 3, dtype=torch.float64), torch.randint(0, 2, (4,))) for _ in range(2)]
     loss = nn.CrossEntropyLoss()
-    reference = curvlinops.KFACLinearOperator(
-        model,
-        loss,
-        list(model.parameters()),
-        data,
-        fisher_type="empirical",
-        separate_weight_and_bias=False,
-        check_deterministic=False,
-    )
-    reference.compute_kronecker_factors()
+    reference = _reference(model, loss, data, fisher_type="empirical")
     got, _, _ = _ours(model, loss, data, tmp_path, "empirical", "expand", False)
     assert "fc#1" in load_file(tmp_path / "acts-00000.safetensors")
     for name in ("fc", "out"):
@@ -549,17 +548,7 @@ def test_folded_batch_layers_count_samples_from_the_metadata(tmp_path, approx, r
         (torch.randn(b, 3, 4, 4, dtype=torch.float64), torch.randint(0, 3, (b,))) for b in (2, 3)
     ]
     loss = nn.CrossEntropyLoss(reduction=reduction)
-    reference = curvlinops.KFACLinearOperator(
-        model,
-        loss,
-        list(model.parameters()),
-        data,
-        fisher_type="empirical",
-        kfac_approx=approx,
-        separate_weight_and_bias=False,
-        check_deterministic=False,
-    )
-    reference.compute_kronecker_factors()
+    reference = _reference(model, loss, data, fisher_type="empirical", kfac_approx=approx)
     got, summary, _ = _ours(model, loss, data, tmp_path, "empirical", approx, False)
     assert summary["num_data"] == 5
     assert load_file(tmp_path / "acts-00000.safetensors")["mix"].shape == (8, 4, 4)
