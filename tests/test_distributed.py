@@ -26,17 +26,20 @@ RANK_RTOL = 1e-6
 
 
 class Windows(nn.Module):
-    """A linear layer on 4x4 windows with the batch folded in (``[B·4, 16, C]``): row ranges
-    of a file split its rows by sample."""
+    """A linear layer on 4x4 windows with the batch folded in (``[B·4, 16, C]``), and one on
+    a positional table computed once per batch (``[1, 16, 2]``): row ranges of a file split
+    the first by sample and give the second to one rank."""
 
     def __init__(self, c: int) -> None:
         super().__init__()
         self.mix = nn.Linear(c, c)
+        self.pos = nn.Linear(2, c)
+        self.register_buffer("table", torch.randn(1, 16, 2))
 
     def forward(self, x):
         b, c = x.shape[:2]
         x = x.reshape(b, c, 2, 4, 2, 4).permute(0, 2, 4, 3, 5, 1).reshape(b * 4, 16, c)
-        return self.mix(x).reshape(b, -1)
+        return (self.mix(x) + self.pos(self.table)).reshape(b, -1)
 
 
 @pytest.fixture(scope="module")
@@ -150,7 +153,10 @@ def test_a_dead_rank_does_not_leave_the_others_waiting(shards, tmp_path):
     line, writing nothing."""
     pt2, acts, _ = shards
     big = tmp_path / "big.safetensors"
-    save_file({"0": torch.randn(60000, 3, 8, 8), "3": torch.randn(60000, 384)}, big)
+    n = 40000
+    tensors = {"0": torch.randn(n, 3, 8, 8), "2.mix": torch.randn(4 * n, 16, 6)}
+    tensors |= {"2.pos": torch.randn(1, 16, 2), "3": torch.randn(n, 384)}
+    save_file(tensors, big, metadata={"batch_size": str(n)})
     out = tmp_path / "out.safetensors"
     port = _port()
     procs = []

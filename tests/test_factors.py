@@ -521,17 +521,20 @@ def test_shared_layer_accumulates_every_call(tmp_path):
 
 class Windows(nn.Module):
     """A conv, then a linear layer on 2x2 windows with the batch folded in (``[B·4, N, C]``,
-    batch slowest, as Swin's and MobileViT's attention see it), then a head."""
+    batch slowest, as Swin's and MobileViT's attention see it), a positional conv computed
+    once per batch (``[1, ...]``, as XCiT's), then a head."""
 
     def __init__(self) -> None:
         super().__init__()
         self.conv = nn.Conv2d(3, 4, 3, padding=1)
+        self.pos = nn.Conv2d(2, 4, 1)
+        self.register_buffer("grid", torch.randn(1, 2, 4, 4))
         self.mix = nn.Linear(4, 5)
         self.head = nn.Linear(5 * 16, 3)
 
     def forward(self, x):
         b = x.shape[0]
-        x = torch.tanh(self.conv(x))  # [B, 4, 4, 4]
+        x = torch.tanh(self.conv(x) + self.pos(self.grid))  # [B, 4, 4, 4]
         x = x.reshape(b, 4, 2, 2, 2, 2).permute(0, 3, 5, 2, 4, 1).reshape(b * 4, 4, 4)
         return self.head(torch.tanh(self.mix(x)).reshape(b, -1))
 
@@ -539,9 +542,10 @@ class Windows(nn.Module):
 @pytest.mark.parametrize("approx", ["expand", "reduce"])
 @pytest.mark.parametrize("reduction", ["sum", "mean"])
 def test_folded_batch_layers_count_samples_from_the_metadata(tmp_path, approx, reduction):
-    """A layer whose leading axis folds the batch: rows as curvlinops sums them, N the
-    samples. curvlinops' mean correction takes the layer's leading axis for the loss batch
-    (16x too large here); ours the batch the recorder records."""
+    """Layers whose leading axis folds the batch, or is 1: rows as curvlinops sums them, N
+    the samples. curvlinops' mean correction takes the layer's leading axis for the loss
+    batch (16x too large for ``mix``, B² too small for ``pos``); ours the batch the
+    recorder records, so that a mean loss's G is the sum loss's G / N for every layer."""
     torch.manual_seed(3)
     model = Windows().double()
     data = [
@@ -552,10 +556,25 @@ def test_folded_batch_layers_count_samples_from_the_metadata(tmp_path, approx, r
     got, summary, _ = _ours(model, loss, data, tmp_path, "empirical", approx, False)
     assert summary["num_data"] == 5
     assert load_file(tmp_path / "acts-00000.safetensors")["mix"].shape == (8, 4, 4)
-    for name in ("conv", "mix", "head"):
+    assert load_file(tmp_path / "acts-00000.safetensors")["pos"].shape == (1, 2, 4, 4)
+    for name in ("conv", "pos", "mix", "head"):
         torch.testing.assert_close(got[f"{name}.A"], reference._input_covariances[name])
+        if name == "pos" and reduction == "mean":
+            continue
         fold = 16 if name == "mix" and reduction == "mean" else 1
         torch.testing.assert_close(got[f"{name}.G"], reference._gradient_covariances[name] / fold)
+    if reduction == "mean":
+        summed, _, _ = _ours(
+            model,
+            nn.CrossEntropyLoss(reduction="sum"),
+            data,
+            tmp_path / "sum",
+            "empirical",
+            approx,
+            False,
+        )
+        for name in ("conv", "pos", "mix", "head"):
+            torch.testing.assert_close(got[f"{name}.G"], summed[f"{name}.G"] / 5)
 
 
 def test_library_errors_name_no_flags(shards, tmp_path):

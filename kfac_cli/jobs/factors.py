@@ -156,20 +156,18 @@ def _batch(src: Tensors, keys: list[str], axis: int) -> int:
 
 def _samples(src: Tensors, keys: list[str]) -> int:
     """The samples ``B`` an activation dump holds: its metadata's ``batch_size`` (then a
-    tensor's leading axis may fold the batch with other axes, as window attention does:
-    any multiple of ``B``), else the leading size all its tensors share."""
+    tensor's leading axis may fold the batch with other axes, as window attention does, or
+    not be per sample at all, as a positional encoding computed once per batch), else the
+    leading size all its tensors share."""
     recorded = src.metadata.get("batch_size")
     if recorded is None:
         return _batch(src, keys, 0)
     if not recorded.isdigit() or int(recorded) == 0:
         raise KfacError(src.path, "__metadata__.batch_size", "a positive integer", recorded)
-    b = int(recorded)
     for k in keys:
-        shape = src.infos[k].shape
-        if not shape or shape[0] % b:
-            want = f"a leading axis that is a multiple of batch_size {b}"
-            raise KfacError(src.path, k, want, str(list(shape)))
-    return b
+        if not src.infos[k].shape:
+            raise KfacError(src.path, k, "a tensor with a leading axis", "a scalar")
+    return int(recorded)
 
 
 def _output_shape(layer: Layer, input_shape: tuple[int, ...]) -> tuple[int, ...]:
@@ -563,21 +561,24 @@ class _Accumulator:
         vectors, batch = (info.shape[0], info.shape[1]) if grads else (1, 0)
         row_len = math.prod(info.shape[2:] if grads else info.shape[1:])
         nbytes = (stop - start) * row_len * info.dtype.itemsize
-        for v in range(vectors):
+        for v in range(vectors if stop > start else 0):
             for a, b in chunks(stop - start, nbytes, self.job.chunk_bytes):
                 yield row_len, v * batch + start + a, v * batch + start + b
 
     def _inputs(self, w: Work, grads: bool):
         """``(source, key, info, rows, B)`` of every chunk of a layer, in reading order: a
         unit's samples ``start:stop`` of a file of ``B`` samples are the rows ``k·start:k·stop``
-        of a tensor whose leading axis folds ``k`` rows per sample."""
+        of a tensor whose leading axis folds ``k`` rows per sample; a tensor whose leading
+        axis is no multiple of ``B`` (not per sample) is read whole by the file's first unit."""
         sources = self.grads if grads else self.acts
         for f, start, stop in self.units:
             src, samples = sources[f], self.batches[f]
             for key in src.order(w.keys):
                 info = src.infos[key]
-                k = info.shape[1 if grads else 0] // samples
-                for rows in self._rows(info, k * start, k * stop, grads):
+                lead = info.shape[1 if grads else 0]
+                k = lead // samples
+                a, b = (k * start, k * stop) if lead % samples == 0 else (0, lead * (start == 0))
+                for rows in self._rows(info, a, b, grads):
                     yield src, key, info, rows, samples
 
     def _reads(self, works):
