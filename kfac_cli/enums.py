@@ -20,7 +20,14 @@ class _ValueContains(EnumMeta):
         return any(item == member.value for member in cls)  # type: ignore[attr-defined]
 
 
-class KFACType(str, Enum, metaclass=_ValueContains):
+class _Named(str, Enum, metaclass=_ValueContains):
+    """A string enum that prints as its value (``str(KFACType.EXPAND) == "expand"``)."""
+
+    def __str__(self) -> str:
+        return self.value
+
+
+class KFACType(_Named):
     """How a convolution's weight sharing is treated (Eschenhagen et al., 2023).
 
     - ``expand``: every output location is its own row; the input factor is built from
@@ -32,11 +39,8 @@ class KFACType(str, Enum, metaclass=_ValueContains):
     EXPAND = "expand"
     REDUCE = "reduce"
 
-    def __str__(self) -> str:
-        return self.value
 
-
-class FisherType(str, Enum, metaclass=_ValueContains):
+class FisherType(_Named):
     """Which curvature the gradient factor approximates.
 
     - ``type-2``: the exact Hessian of the loss w.r.t. the model outputs, one backward pass
@@ -52,37 +56,25 @@ class FisherType(str, Enum, metaclass=_ValueContains):
     EMPIRICAL = "empirical"
     FORWARD_ONLY = "forward-only"
 
-    def __str__(self) -> str:
-        return self.value
 
-
-class LossReduction(str, Enum, metaclass=_ValueContains):
+class LossReduction(_Named):
     """How a loss batch's per-example terms were combined: ``mean`` or ``sum``."""
 
     MEAN = "mean"
     SUM = "sum"
 
-    def __str__(self) -> str:
-        return self.value
 
-
-class Layout(str, Enum, metaclass=_ValueContains):
+class Layout(_Named):
     """Canonical block layout: ``flat`` ``[C_out*(rest+1)]`` or ``matrix`` ``[C_out, rest+1]``."""
 
     FLAT = "flat"
     MATRIX = "matrix"
 
-    def __str__(self) -> str:
-        return self.value
 
-
-class ComputeDtype(str, Enum, metaclass=_ValueContains):
+class ComputeDtype(_Named):
     """Floating-point dtypes a computation can run in, by name."""
 
     FLOAT32 = "float32"
     FLOAT64 = "float64"
     FLOAT16 = "float16"
     BFLOAT16 = "bfloat16"
-
-    def __str__(self) -> str:
-        return self.value
