@@ -448,10 +448,13 @@ class _Graph:
         taken = {n for w, (la, _) in self.found.items() if w != weight for n in la.names}
         if module is not None and module not in taken:
             own = f"{module}.weight"
-            names = {weight, *(a for a, t in self.aliases.items() if t == weight)}
-            if own in names or module_type.rpartition(".")[2] in _NN_LAYERS:
+            if own in self._names_of(weight) or module_type.rpartition(".")[2] in _NN_LAYERS:
                 return module
         return layer_name(weight)
+
+    def _names_of(self, param: str) -> set[str]:
+        """Every name of a parameter: its canonical name and its aliases."""
+        return {param, *(a for a, t in self.aliases.items() if t == param)}
 
     def _own_name(self, la: Layer, taken: set[str]) -> Layer:
         """A module registered under several paths (``cpe1.proj``, and as a shared part
@@ -460,7 +463,7 @@ class _Graph:
         ``<path>.weight`` and the graph never calls that path itself (a tied head's
         embedding is called: it stays another module)."""
         owner = layer_name(la.weight)
-        names = {la.weight, *(a for a, t in self.aliases.items() if t == la.weight)}
+        names = self._names_of(la.weight)
         if (
             owner in la.names
             or la.weight != f"{owner}.weight"
