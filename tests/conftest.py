@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -24,6 +25,29 @@ def kfac_cli_exe() -> list[str]:
         return [str(exe)]
     found = shutil.which("kfac-cli")
     return [found] if found else [sys.executable, "-m", "kfac_cli"]
+
+
+def free_port() -> int:
+    """A free TCP port on this machine, for a torch.distributed rendezvous."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def torchrun_command(*args: object, script=("-m", "kfac_cli"), ranks: int = 2) -> list[str]:
+    """``python -m torch.distributed.run`` of ``script`` with ``args`` on ``ranks`` local
+    ranks and a free rendezvous port."""
+    return [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc-per-node",
+        str(ranks),
+        "--master-port",
+        str(free_port()),
+        *script,
+        *map(str, args),
+    ]
 
 
 def run_cli(*args: object, check: bool = False, env: dict | None = None, **kw):

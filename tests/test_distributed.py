@@ -5,10 +5,8 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import struct
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -19,7 +17,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from kfac_cli.record import record
-from tests.conftest import invoke, kfac_cli_exe
+from tests.conftest import free_port, invoke, kfac_cli_exe, torchrun_command
 
 # Measured bound of the float32 difference from one process (summation order only).
 RANK_RTOL = 1e-6
@@ -54,25 +52,9 @@ def shards(tmp_path_factory):
     return pt2, [a for a, _ in pairs], [g for _, g in pairs]
 
 
-def _port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def torchrun(*args, script=("-m", "kfac_cli"), timeout=240):
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--nproc-per-node",
-        "2",
-        "--master-port",
-        str(_port()),
-        *script,
-        *map(str, args),
-    ]
     env = {**os.environ, "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1"}
+    cmd = torchrun_command(*args, script=script)
     return subprocess.run(cmd, capture_output=True, timeout=timeout, env=env)
 
 
@@ -158,7 +140,7 @@ def test_a_dead_rank_does_not_leave_the_others_waiting(shards, tmp_path):
     tensors |= {"2.pos": torch.randn(1, 16, 2), "3": torch.randn(n, 384)}
     save_file(tensors, big, metadata={"batch_size": str(n)})
     out = tmp_path / "out.safetensors"
-    port = _port()
+    port = free_port()
     procs = []
     for rank in (0, 1):
         env = {
