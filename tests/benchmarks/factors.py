@@ -80,9 +80,9 @@ def _shards(folder: Path) -> tuple[list[str], list[str]]:
     return acts, grads
 
 
-def bench_factor_processes(folder: Path, args, env: dict, report: dict, timed, fresh, fmt):
+def bench_factor_processes(folder: Path, args, env: dict, report: dict, timed, fresh):
     """`kfac-cli factors` against the anchor and the read floor, expand and reduce."""
-    from tests.benchmarks.run import _has_curvlinops
+    from tests.benchmarks.run import _has_curvlinops, process_table
 
     kfac = str(Path(sys.executable).with_name("kfac-cli"))
     model, spec = folder / "model.pt2", folder / "spec.json"
@@ -130,31 +130,7 @@ def bench_factor_processes(folder: Path, args, env: dict, report: dict, timed, f
         f"{args.repeats} runs; memory bound 2 x (largest chunk + its factors) = "
         f"{bound / 2**20:.0f} MiB):"
     )
-    print(
-        f"{'':22} {'seconds':>20} {'x read floor':>13} {'x faster than anchor':>21} "
-        f"{'peak RSS MiB':>13}"
-    )
-    for approx in ("expand", "reduce"):
-        floor = statistics.median(t for t, _ in runs[f"read floor {approx}"])
-        anchor = runs.get(f"anchor {approx}")
-        for kind in ("kfac-cli", "anchor", "read floor"):
-            r = runs.get(f"{kind} {approx}")
-            if not r:
-                continue
-            t = [x for x, _ in r]
-            med = statistics.median(t)
-            speed = statistics.median(x for x, _ in anchor) / med if anchor else float("nan")
-            rss = max(m for _, m in r) - bare
-            print(
-                f"{kind + ' ' + approx:22} {fmt(t):>20} {med / floor:13.2f} {speed:21.2f} "
-                f"{rss / 2**20:13.0f}"
-            )
-            report[f"factors {kind} {approx}"] = {
-                "seconds": t,
-                "x_read_floor": med / floor,
-                "x_faster_than_anchor": speed,
-                "rss_above_torch": rss,
-            }
+    process_table(runs, bare, report, "anchor", "read floor", prefix="factors ")
     report["factors_memory_bound"] = bound
 
 
@@ -240,7 +216,7 @@ def bench_factor_kernels(folder: Path, args, report: dict, fmt) -> None:
 
 def bench_ranks(folder: Path, args, env: dict, report: dict, timed, fresh, fmt) -> None:
     """2 torchrun ranks x 1 thread against 1 process x 1 thread, same shards."""
-    import socket
+    from tests.conftest import torchrun_command
 
     kfac = str(Path(sys.executable).with_name("kfac-cli"))
     acts, grads = _shards(folder)
@@ -249,29 +225,12 @@ def bench_ranks(folder: Path, args, env: dict, report: dict, timed, fresh, fmt) 
     base += ["--force", "--json"]
     one_env = {**env, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
 
-    def torchrun():
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        return [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            "--nproc-per-node",
-            "2",
-            "--master-port",
-            str(port),
-            "-m",
-            "kfac_cli",
-            *base,
-        ]
-
     runs: dict[str, list[float]] = {}
     comm: list[float] = []
     for _ in range(args.repeats):
         for name in ("1 rank", "2 ranks"):
             fresh((out,))
-            cmd = [kfac, *base] if name == "1 rank" else torchrun()
+            cmd = [kfac, *base] if name == "1 rank" else torchrun_command(*base)
             start = time.perf_counter()
             proc = subprocess.run(cmd, env=one_env, capture_output=True, check=True)
             runs.setdefault(name, []).append(time.perf_counter() - start)

@@ -176,31 +176,7 @@ def bench_processes(folder: Path, args, env: dict, report: dict) -> None:
         f"\nWhole processes ({args.threads} thread(s), {args.repeats} runs, seconds: median "
         f"(min-max); RSS above bare `import torch` = {bare / 2**20:.0f} MiB):"
     )
-    print(
-        f"{'':22} {'seconds':>20} {'x floor':>8} {'x faster than baseline':>23} "
-        f"{'peak RSS MiB':>13}"
-    )
-    for approx in ("expand", "reduce"):
-        floor = statistics.median(t for t, _ in runs[f"floor {approx}"])
-        base = runs.get(f"baseline {approx}")
-        for kind in ("kfac-cli", "baseline", "floor"):
-            r = runs.get(f"{kind} {approx}")
-            if not r:
-                continue
-            t = [x for x, _ in r]
-            med = statistics.median(t)
-            speed = statistics.median(x for x, _ in base) / med if base else float("nan")
-            rss = max(m for _, m in r) - bare
-            print(
-                f"{kind + ' ' + approx:22} {fmt_stats(t):>20} {med / floor:8.2f} "
-                f"{speed:23.2f} {rss / 2**20:13.0f}"
-            )
-            report[f"{kind} {approx}"] = {
-                "seconds": t,
-                "x_floor": med / floor,
-                "x_faster_than_baseline": speed,
-                "rss_above_torch": rss,
-            }
+    process_table(runs, bare, report, "baseline", "floor")
     report["largest_layer_input_bytes"] = largest
     report["output_bytes"] = out_sizes
     report["expand_bytes_identical_across_runs"] = len(digests) == 1
@@ -209,6 +185,46 @@ def bench_processes(folder: Path, args, env: dict, report: dict) -> None:
         f"{out_sizes['expand'] / 2**30:.2f} GiB; output bytes identical across runs: "
         f"{len(digests) == 1}"
     )
+
+
+def process_table(
+    runs: dict[str, list[tuple[float, int]]],
+    bare: int,
+    report: dict,
+    reference: str,
+    floor: str,
+    prefix: str = "",
+) -> None:
+    """Print (and report under ``prefix + name``) kfac-cli, ``reference`` and ``floor`` runs
+    ``(seconds, peak RSS)`` of expand and reduce: median seconds, x the floor, x faster
+    than the reference, peak RSS above a bare ``import torch`` (``bare``)."""
+    x_floor, x_ref = f"x {floor}", f"x faster than {reference}"
+    print(
+        f"{'':22} {'seconds':>20} {x_floor:>{len(x_floor) + 1}} {x_ref:>{len(x_ref) + 1}} "
+        f"{'peak RSS MiB':>13}"
+    )
+    for approx in ("expand", "reduce"):
+        base = statistics.median(t for t, _ in runs[f"{floor} {approx}"])
+        ref = runs.get(f"{reference} {approx}")
+        for kind in ("kfac-cli", reference, floor):
+            r = runs.get(f"{kind} {approx}")
+            if not r:
+                continue
+            t = [x for x, _ in r]
+            med = statistics.median(t)
+            speed = statistics.median(x for x, _ in ref) / med if ref else float("nan")
+            rss = max(m for _, m in r) - bare
+            print(
+                f"{kind + ' ' + approx:22} {fmt_stats(t):>20} "
+                f"{med / base:{len(x_floor) + 1}.2f} {speed:{len(x_ref) + 1}.2f} "
+                f"{rss / 2**20:13.0f}"
+            )
+            report[f"{prefix}{kind} {approx}"] = {
+                "seconds": t,
+                x_floor.replace(" ", "_"): med / base,
+                x_ref.replace(" ", "_"): speed,
+                "rss_above_torch": rss,
+            }
 
 
 def _has_curvlinops() -> bool:
@@ -469,7 +485,7 @@ def main() -> None:
     if "processes" in only:
         bench_processes(folder, args, env, report)
     if "factors" in only:
-        factors.bench_factor_processes(folder, args, env, report, timed, _fresh, fmt_stats)
+        factors.bench_factor_processes(folder, args, env, report, timed, _fresh)
     if "factor-kernels" in only:
         factors.bench_factor_kernels(folder, args, report, fmt_stats)
     if "ranks" in only:
