@@ -17,6 +17,7 @@ import torch
 from kfac_cli.enums import FisherType, KFACType, LossReduction
 from kfac_cli.errors import KfacError
 from kfac_cli.files.sources import Tensors, fingerprint, open_tensors
+from kfac_cli.jobs.devices import resolve_device, resolve_dtype
 from kfac_cli.jobs.distributed import RankFailed, Ranks, ranks_from_env
 from kfac_cli.jobs.patches import check_input, layer_meta, select_keys
 from kfac_cli.jobs.pipeline import BufferPool, Prefetcher, view
@@ -230,8 +231,6 @@ def run_factors(
     Raises:
         KfacError: For bad inputs (nothing is written).
     """
-    from kfac_cli.jobs.devices import resolve_device
-
     if dtype not in ("float32", "float64"):
         raise KfacError(None, "dtype", "float32 or float64 to accumulate factors in", dtype)
     ranks = ranks_from_env(resolve_device(device), timeout)
@@ -350,7 +349,7 @@ def _run(
             conventions=conv.to_json(),
             separate_bias=separate_bias,
             num_data=n,
-            dtype=str(job.cast).removeprefix("torch."),
+            dtype=dtype,
             eigh=eigh,
             model=str(model),
             activations=[fingerprint(s) for s in acts],
@@ -709,16 +708,7 @@ def run_merge(
     try:
         metas = [_factor_meta(src) for src in sources]
         first = metas[0]
-        same = (
-            "approx",
-            "fisher_type",
-            "loss_reduction",
-            "num_per_example_loss_terms",
-            "mc_samples",
-            "separate_bias",
-            "dtype",
-            "layout_version",
-        )
+        same = ("approx", *_CONVENTIONS, "separate_bias", "dtype", "layout_version")
         for src, meta in zip(sources[1:], metas[1:]):
             for key in same:
                 if meta[key] != first[key]:
@@ -742,11 +732,10 @@ def run_merge(
                         str(mine.get(odd)),
                     )
         n = sum(m["num_data"] for m in metas)
-        dtype = next(
-            p
-            for p in (torch.float32, torch.float64, torch.float16, torch.bfloat16)
-            if str(p).removeprefix("torch.") == first["dtype"]
-        )
+        try:
+            dtype = resolve_dtype(first["dtype"])
+        except KfacError as e:
+            raise e.with_context(sources[0].path) from None
         factor_keys = [k for k in sources[0].infos if k.endswith((".A", ".G"))]
         sizes = {k: sources[0].infos[k].shape for k in factor_keys}
         for src in sources:
