@@ -121,11 +121,16 @@ class LayerTable:
     aliases: dict[str, str] = field(default_factory=dict)
     untreated_layers: list[dict] = field(default_factory=list)
     frozen: list[str] = field(default_factory=list)
+    _by_name: dict[str, Layer] | None = field(default=None, init=False, repr=False, compare=False)
 
     def layer(self, key: str) -> Layer | None:
         """The layer a dump key names: a calling module, or ``<module>#<k>``."""
-        name = call_of(key)[0]
-        return next((la for la in self.layers if name in la.names), None)
+        if self._by_name is None:  # built once: jobs look up every key several times
+            self._by_name = {}
+            for la in self.layers:
+                for n in la.names:
+                    self._by_name.setdefault(n, la)
+        return self._by_name.get(call_of(key)[0])
 
     def untreated_layer(self, key: str) -> dict | None:
         """The entry of ``untreated_layers`` a dump key names, if any."""
