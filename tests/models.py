@@ -61,23 +61,6 @@ class MLPStack(nn.Module):
 KFAC_MODULES = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
 
 
-def record_activations(model: nn.Module, x: torch.Tensor) -> dict[str, torch.Tensor]:
-    """Each Linear/Conv module's input, keyed by module path, via forward hooks."""
-    acts: dict[str, torch.Tensor] = {}
-    hooks = [
-        m.register_forward_hook(
-            lambda mod, inp, out, name=name: acts.__setitem__(name, inp[0].detach().clone())
-        )
-        for name, m in model.named_modules()
-        if type(m) in KFAC_MODULES
-    ]
-    with torch.no_grad():
-        model(x)
-    for h in hooks:
-        h.remove()
-    return acts
-
-
 def write_model_files(model: nn.Module, x: torch.Tensor, folder: Path) -> dict[str, Path]:
     """Export ``model`` in every checkpoint format, plus an activation dump."""
     folder.mkdir(parents=True, exist_ok=True)
@@ -95,7 +78,7 @@ def write_model_files(model: nn.Module, x: torch.Tensor, folder: Path) -> dict[s
     save_file(state, files["safetensors"])
     torch.save(state, files["pt"])
     torch.save(model, files["pickle"])
-    save_file(record_activations(model, x), files["acts"])
+    save_file(hook_dump(model, x), files["acts"])
     save_file({n: p.detach().clone() for n, p in model.named_parameters()}, files["params"])
     return files
 

@@ -17,7 +17,7 @@ from safetensors.torch import load_file, save_file
 from kfac_cli.models.load import load_layer_table
 from kfac_cli.ops.patches import layer_patches
 from tests.conftest import CUDA, invoke, kfac_cli_exe, run_cli
-from tests.models import MLPStack, ResNetLike, record_activations, write_model_files
+from tests.models import MLPStack, ResNetLike, hook_dump, write_model_files
 
 CONV = {"conv1d": F.conv1d, "conv2d": F.conv2d, "conv3d": F.conv3d}
 
@@ -383,7 +383,7 @@ def test_gradient_equals_sum_of_outer_products(tmp_path, kind):
         x = torch.randn(3, 4, 7, 7, dtype=torch.float64)
     model = model.double()
     files = write_model_files(model, x, tmp_path)
-    save_file(record_activations(model, x), files["acts"])
+    save_file(hook_dump(model, x), files["acts"])
     out = model(x)
     g_out = torch.randn_like(out)
     grads = {}
