@@ -67,8 +67,8 @@ class Ranks:
         return units
 
     def sum_(self, tensor: torch.Tensor) -> torch.Tensor:
-        """Sum ``tensor`` over the ranks, in place on the writer (the others' copies are
-        left as they were: only the writer needs the total)."""
+        """Sum ``tensor`` over the ranks, in place (every rank gets the total; only the
+        writer uses it)."""
         return tensor
 
     def check(self) -> None:
@@ -158,6 +158,7 @@ class TorchrunRanks(Ranks):
         self._last_check = 0.0
         self._seen: dict[int, tuple[int, float]] = {}
         self._sums = 0
+        self._interrupted = False
 
     def _beat(self) -> None:
         n = 0
@@ -251,7 +252,7 @@ class TorchrunRanks(Ranks):
 
     def close(self) -> None:
         self._stop.set()
-        if getattr(self, "_interrupted", False):
+        if self._interrupted:
             return  # its peers and store may be gone: nothing to wait for
         with contextlib.suppress(RuntimeError, ValueError, AssertionError):
             self.dist.destroy_process_group()
