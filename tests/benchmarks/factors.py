@@ -56,15 +56,13 @@ for af, gf in zip(acts, grads):  # curvlinops' hook code, per layer, after load_
 save_file({**{f"{k}.A": v for k, v in A.items()}, **{f"{k}.G": v for k, v in G.items()}}, out_file)
 """
 
-READ_FLOOR = r"""
-import json, os, sys, torch
-from safetensors import safe_open
+READ_FLOOR = r"""  # after run.READ
+import os, sys, torch
 dst, nbytes, *files = sys.argv[1:]
-for f in files:
-    with safe_open(f, "pt") as h:
-        for key in h.keys():
-            h.get_tensor(key)  # every input byte, once, through the official reader
 buf = memoryview(bytearray(8 << 20))
+for f in files:
+    for _ in read_tensors(f, buf):  # every input byte, once
+        pass
 with open(dst, "wb") as out:
     left = int(nbytes)
     while left:
@@ -82,7 +80,7 @@ def _shards(folder: Path) -> tuple[list[str], list[str]]:
 
 def bench_factor_processes(folder: Path, args, env: dict, report: dict, timed, fresh):
     """`kfac-cli factors` against the anchor and the read floor, expand and reduce."""
-    from tests.benchmarks.run import _has_curvlinops, process_table
+    from tests.benchmarks.run import READ, _has_curvlinops, process_table
 
     kfac = str(Path(sys.executable).with_name("kfac-cli"))
     model, spec = folder / "model.pt2", folder / "spec.json"
@@ -100,7 +98,7 @@ def bench_factor_processes(folder: Path, args, env: dict, report: dict, timed, f
             f"read floor {approx}": [
                 sys.executable,
                 "-c",
-                READ_FLOOR,
+                READ + READ_FLOOR,
                 str(floor_out),
                 str(sizes[approx]),
                 *acts,

@@ -5,8 +5,8 @@
 Times, alternating and repeated: `kfac-cli patches` (expand, reduce), the users' baseline
 script (curvlinops' extract_patches / extract_averaged_patches + safetensors.save_file; needs
 curvlinops-for-pytorch), and the floor (a process that imports torch, reads every input
-byte once through the official safetensors reader and writes each layer's output bytes from
-one reused buffer, then fsyncs). Then `kfac-cli factors` (expand and reduce, with output
+byte once into a reused buffer and writes each layer's output bytes from one reused buffer,
+then fsyncs). Then `kfac-cli factors` (expand and reduce, with output
 gradients, over shards) against the anchor (curvlinops' hook code: extract_patches + einsum
 per layer after load_file) and a read floor, the factor kernels against the anchor's einsum
 on materialised patches, 2 torchrun ranks against 1, the in-memory patch kernels against
@@ -32,19 +32,37 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
 
-FLOOR = r"""
+READ = r"""
+import json, struct
+def read_tensors(path, buf):
+    '''Each tensor's name, once its bytes have been read into ``buf`` (a reused buffer):
+    the least any reader does. (safetensors' get_tensor maps the file and reads nothing.)'''
+    with open(path, "rb", buffering=0) as fh:
+        (n,) = struct.unpack("<Q", fh.read(8))
+        header = json.loads(fh.read(n))
+        for key, info in header.items():
+            if key != "__metadata__":
+                begin, end = info["data_offsets"]
+                fh.seek(8 + n + begin)
+                while end > begin:
+                    begin += fh.readinto(buf[: min(end - begin, len(buf))])
+                yield key
+"""
+
+FLOOR = (
+    READ
+    + r"""
 import json, os, sys, torch
-from safetensors import safe_open
 src, dst, sizes = sys.argv[1], sys.argv[2], json.loads(sys.argv[3])
 buf = memoryview(bytearray(8 << 20))
-with safe_open(src, "pt") as f, open(dst, "wb") as out:
-    for key in f.keys():
-        f.get_tensor(key)  # every input byte, once, through the official reader
+with open(dst, "wb") as out:
+    for key in read_tensors(src, buf):  # every input byte, once
         left = sizes.get(key, 0)
         while left:  # the layer's output bytes, from one reused buffer
             n = min(left, len(buf)); out.write(buf[:n]); left -= n
     out.flush(); os.fsync(out.fileno())
 """
+)
 
 BASELINE = r"""
 import importlib.util, json, os, sys, torch
