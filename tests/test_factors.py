@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 
@@ -297,6 +298,51 @@ def test_gram_is_the_symmetric_product(device):
     torch.testing.assert_close(mirror_(gram(p)), p.T @ p, rtol=1e-12, atol=1e-10)
 
 
+@settings(max_examples=60, deadline=None)
+@given(data=st.data())
+def test_row_gram_folds_like_one_sum(data):
+    """Rows in blocks of any size, folded a buffer at a time into an accumulator full of
+    garbage (the first fold overwrites it), with the scale changing between blocks: the
+    upper triangle of Σ alpha·pᵀp in float64; no rows: zeros."""
+    from kfac_cli.ops.factors import RowGram
+
+    width = data.draw(st.integers(1, 9))
+    blocks = data.draw(st.lists(st.integers(0, 7), max_size=6))
+    alphas = [data.draw(st.sampled_from([1.0, 0.5, 3.0])) for _ in blocks]
+    out = torch.full((width, width), float("nan"), dtype=torch.float64)
+    fold = RowGram(lambda: out, data.draw(st.integers(1, 8)))
+    expected = torch.zeros(width, width, dtype=torch.float64)
+    for rows, alpha in zip(blocks, alphas):
+        p = torch.randn(rows, width, dtype=torch.float64)
+        fold.add(p, alpha)
+        expected += alpha * p.T @ p
+    got = fold.finish()
+    assert got is out
+    torch.testing.assert_close(mirror_(got), expected, rtol=1e-12, atol=1e-12)
+
+
+@settings(max_examples=80, deadline=None)
+@given(data=st.data())
+def test_reads_every_input_against_autograd(data):
+    """An input element is read iff some window covers it: iff the gradient of the sum of a
+    conv with a ones kernel is non-zero there."""
+    n = data.draw(st.integers(1, 2))
+    k = tuple(data.draw(st.integers(1, 4)) for _ in range(n))
+    s = tuple(data.draw(st.integers(1, 4)) for _ in range(n))
+    d = tuple(data.draw(st.integers(1, 3)) for _ in range(n))
+    pads = tuple((data.draw(st.integers(0, 3)), data.draw(st.integers(0, 3))) for _ in k)
+    size = tuple(
+        data.draw(st.integers(max(1, kk_span), kk_span + 6))
+        for kk_span in (dd * (kk - 1) + 1 - a - b for kk, dd, (a, b) in zip(k, d, pads))
+    )
+    params = ConvParams.create(k, s, pads, d, n=n)
+    x = torch.zeros(1, 1, *size, dtype=torch.float64, requires_grad=True)
+    padded = torch.nn.functional.pad(x, [v for pair in reversed(pads) for v in pair])
+    conv = (torch.nn.functional.conv1d, torch.nn.functional.conv2d)[n - 1]
+    conv(padded, torch.ones(1, 1, *k, dtype=torch.float64), stride=s, dilation=d).sum().backward()
+    assert params.reads_every_input(size) == bool((x.grad > 0).all())
+
+
 # ----------------------------------------------------------------------------- files
 
 
@@ -493,6 +539,68 @@ def test_zero_samples_nan_and_mixed_models(shards, tmp_path):
     _factors(pt2, acts[1:2], grads[1:2], c, "--approx", "reduce")
     proc = invoke("factors", "--merge", a, c, "-o", out)
     assert proc.returncode == 1 and b"approx" in proc.stderr
+
+
+def test_nan_counted_exactly_where_no_window_reads_it(tmp_path):
+    """KFAC-reduce checks its averaged rows for NaN/Inf instead of the inputs where every
+    input element is in a window. A 1x1 stride-2 conv reads only even positions: its inputs
+    are counted one by one. Every NaN/Inf is found, in inputs and gradients, and counted."""
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Conv2d(3, 4, 3, padding=1),
+        nn.Conv2d(4, 2, 1, stride=2),
+        nn.Flatten(),
+        nn.Linear(2 * 4 * 4, 3),
+    ).double()
+    batch = [(torch.randn(5, 3, 8, 8, dtype=torch.float64), torch.randint(0, 3, (5,)))]
+    ((acts_file, grads_file),) = record(model, batch, nn.CrossEntropyLoss(), tmp_path)
+    pt2 = tmp_path / "model.pt2"
+    torch.export.save(torch.export.export(model, (batch[0][0],)), pt2)
+    acts, grads = load_file(acts_file), load_file(grads_file)
+    acts["1"][0, 0, 1, 1] = float("nan")  # odd positions: no window of layer 1 reads them
+    acts["1"][1, 2, 3, 5] = float("inf")
+    acts["0"][2, 1, 4, 4] = float("nan")
+    grads["3"][0, 1, 0] = float("nan")
+    bad_acts = _bad(tmp_path, "bad-acts.safetensors", acts, safe_open(acts_file, "pt").metadata())
+    bad_grads = _bad(
+        tmp_path, "bad-grads.safetensors", grads, safe_open(grads_file, "pt").metadata()
+    )
+    out = tmp_path / "o.safetensors"
+    for approx, dtype in itertools.product(("reduce", "expand"), ("float64", "float32")):
+        args = ("factors", pt2, bad_acts, "--grads", bad_grads, "-o", out, "--approx", approx)
+        args += ("--dtype", dtype)  # float32: the float64 dumps are counted before the cast
+        proc = invoke(*args, "--force")
+        assert proc.returncode == 0, proc.stderr
+        stderr = proc.stderr.decode()
+        assert f": 1: expected finite values but found 2 NaN/Inf of {acts['1'].numel()}" in stderr
+        assert f": 0: expected finite values but found 1 NaN/Inf of {acts['0'].numel()}" in stderr
+        assert f": 3: expected finite values but found 1 NaN/Inf of {grads['3'].numel()}" in stderr
+        out.unlink()
+        proc = invoke(*args, "--strict")
+        assert proc.returncode == 1 and b"NaN/Inf" in proc.stderr and not out.exists()
+
+
+def test_sums_are_reused_only_once_written(shards, tmp_path, monkeypatch):
+    """Layer after layer the sums share one buffer, written from there by the writer
+    thread: a slow writer still writes each layer's factors, not the next layer's sums."""
+    import time
+
+    from kfac_cli.files.writer import SafetensorsWriter
+
+    pt2, acts, grads = shards
+    for approx in ("reduce", "expand"):
+        ref, out = tmp_path / f"ref-{approx}.safetensors", tmp_path / f"{approx}.safetensors"
+        run_factors(pt2, acts, str(ref), grads=grads, approx=approx)
+        with monkeypatch.context() as m:
+            write = SafetensorsWriter.write
+
+            def slow(self, name, chunk, write=write):
+                time.sleep(0.05)
+                write(self, name, chunk)
+
+            m.setattr(SafetensorsWriter, "write", slow)
+            run_factors(pt2, acts, str(out), grads=grads, approx=approx)
+        assert out.read_bytes() == ref.read_bytes()
 
 
 def test_shared_layer_accumulates_every_call(tmp_path):

@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import json
 import math
+import threading
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -25,11 +27,14 @@ from kfac_cli.jobs.skeleton import CPU, Finite, Job, Plan, Reporter, chunks
 from kfac_cli.models.load import load_layer_table
 from kfac_cli.models.table import Layer
 from kfac_cli.ops.factors import (
-    gradient_covariance,
+    RowGram,
+    gradient_rows,
+    gram,
     input_covariance,
     locations,
     loss_correction,
     mirror_,
+    reduce_rows,
     reordered_rows,
     sum_order,
 )
@@ -550,6 +555,8 @@ class _Accumulator:
         self.done: dict[str, torch.Tensor] = {}
         self.summed: set[str] = set()
         self.scratch: dict[str, torch.Tensor] = {}  # buffers the sums reuse chunk to chunk
+        self.flat: torch.Tensor | None = None  # the sums (see _sums)
+        self.unwritten, self.pending = threading.Condition(), 0  # items of flat being written
         self.pool = BufferPool(4, CPU, pin_memory=self.stage.cuda)
         self.out_pool = BufferPool(3, CPU)
         self.prefetch = Prefetcher(self._reads(works), self.pool, ahead=2)
@@ -599,8 +606,13 @@ class _Accumulator:
         if not isinstance(value, tuple):  # an eigendecomposition
             put(plan.key, value.to(CPU, self.dtype))
             return
-        sym, perm = value  # written in row blocks, in the format's order, while the next
-        width = sym.shape[1]  # layer is summed (each block copied out of the factor)
+        sym, perm = value
+        if perm is None and sym.device == CPU:  # written from the sums themselves (see _sums)
+            with self.unwritten:
+                self.pending += 1
+            put(plan.key, sym, None, self._written)
+            return
+        width = sym.shape[1]  # else in row blocks, in the format's order, each copied out
         step = max(1, WRITE_BYTES // (width * sym.element_size()))
         for start in range(0, sym.shape[0], step):
             rows = min(step, sym.shape[0] - start)
@@ -617,26 +629,45 @@ class _Accumulator:
     def _layer(self, w: Work) -> None:
         """Sum, combine over ranks, scale, symmetrise (and decompose) one layer's factors.
 
-        One buffer holds both sums (one collective per layer): their upper triangles,
-        ``A``'s in :func:`~kfac_cli.ops.factors.sum_order`, added, scaled and mirrored in
-        place, then written in row blocks reordered on the way: no temporary of a factor's
-        size (nor kept from layer to layer: a large one would stay beside the next
-        layer's chunks)."""
-        device = self.stage.device
+        One buffer holds both sums (one collective per layer), reused from layer to layer
+        (fresh memory is slow to touch) once the writer is done with it: their upper
+        triangles, ``A``'s in :func:`~kfac_cli.ops.factors.sum_order`, each chunk's sum
+        added already scaled, then mirrored in place. KFAC-reduce gathers its few rows per
+        chunk and folds a buffer of them at a time (:class:`RowGram`), so the previous
+        layer is written while this one is read; it checks those rows for NaN/Inf instead
+        of the inputs where every input element is in one of them (a pass fewer)."""
         self.scratch.clear()  # buffers are reused across a layer's chunks, not kept after
-        sizes = [w.d] + ([w.c_out] if self.grads else [])
-        flat = torch.zeros(sum(n * n for n in sizes), dtype=self.dtype, device=device)
-        a_sum = flat[: w.d * w.d].view(w.d, w.d)
+        conv, reduce = w.layer.conv, self.approx is KFACType.REDUCE
+        n_a, n_g = w.d * w.d, w.c_out * w.c_out if self.grads else 0
         bias = w.layer.bias is not None and not self.separate_bias
-        for _, info, x in self._chunks_of(w, grads=False):
-            o = 1 if self.approx is KFACType.REDUCE else locations(info.shape, w.layer.conv)
-            input_covariance(
-                x, w.layer.conv, self.approx, bias, out=a_sum, alpha=1.0 / o, scratch=self.scratch
-            )
-        factors = {"A": a_sum}
+
+        def a_sum() -> torch.Tensor:
+            return self._sums(n_a + n_g)[:n_a].view(w.d, w.d)
+
+        def g_sum() -> torch.Tensor:
+            return self._sums(n_a + n_g)[n_a:].view(w.c_out, w.c_out)
+
+        def rows_per_fold(width: int) -> int:
+            return self.job.chunk_bytes // (width * self.dtype.itemsize)
+
+        if reduce:
+            a_fold = RowGram(a_sum, rows_per_fold(w.d), self.scratch, "a_rows")
+            for _, _, x, check in self._chunks_of(w, grads=False):
+                rows = reduce_rows(x, conv, bias)
+                check(rows if conv is None or conv.reads_every_input(x.shape[2:]) else None)
+                a_fold.add(rows, 1.0 / self.n)
+        else:
+            a = a_sum().zero_()
+            for _, info, x, check in self._chunks_of(w, grads=False):
+                check()
+                alpha = 1.0 / (locations(info.shape, conv) * self.n)
+                input_covariance(
+                    x, conv, self.approx, bias, out=a, alpha=alpha, scratch=self.scratch
+                )
         if self.grads:
-            g_sum = flat[w.d * w.d :].view(w.c_out, w.c_out)
-            for samples, _, g in self._chunks_of(w, grads=True):
+            g_fold = RowGram(g_sum, rows_per_fold(w.c_out), self.scratch, "g_rows")
+            g = None if reduce else g_sum().zero_()
+            for samples, _, grad, check in self._chunks_of(w, grads=True):
                 c = loss_correction(
                     self.conv.loss_reduction,
                     samples,
@@ -644,17 +675,25 @@ class _Accumulator:
                     self.n,
                     self.conv.mc_samples,
                 )
-                gradient_covariance(g, w.layer.conv is not None, self.approx, out=g_sum, alpha=c)
-            factors["G"] = g_sum
+                rows = gradient_rows(grad, conv is not None, self.approx)
+                if reduce:  # a reduce row sums every location of its sample
+                    check(rows)
+                    g_fold.add(rows, c)
+                else:
+                    check()
+                    gram(rows, g, c)
+        factors = {"A": a_fold.finish() if reduce else a}
+        if self.grads:
+            factors["G"] = g_fold.finish() if reduce else g
         for src in self.acts + self.grads:
             for key in w.keys:
                 self.finite[id(src)].report(key, math.prod(src.infos[key].shape))
-        self.ranks.sum_(flat)
+        self.ranks.sum_(self._sums(n_a + n_g))
         if not self.ranks.writer:  # its sums are in the writer's total now
             return
-        a_sum.div_(self.n)
-        taps = 1 if w.layer.conv is None else math.prod(w.layer.conv.kernel_size)
-        orders = {"A": sum_order((w.d - bias) // taps, w.layer.conv, self.approx, bias, device)}
+        taps = 1 if conv is None else math.prod(conv.kernel_size)
+        device = self.stage.device
+        orders = {"A": sum_order((w.d - bias) // taps, conv, self.approx, bias, device)}
         for name, upper in factors.items():
             key = f"{w.layer.name}.{name}"
             sym = mirror_(upper)
@@ -665,26 +704,50 @@ class _Accumulator:
                 self.done[f"{key}.eigenvalues"] = vals
                 self.done[f"{key}.eigenvectors"] = vecs
 
+    def _sums(self, numel: int) -> torch.Tensor:
+        """``numel`` elements of the sums' buffer (uninitialised), allocated once for the
+        largest layer (only what a layer uses is touched), once the writer has written
+        what :meth:`produce` gave it from there."""
+        with self.unwritten:
+            self.unwritten.wait_for(lambda: self.pending == 0)
+        if self.flat is None:
+            most = max(w.d**2 + (w.c_out**2 if self.grads else 0) for w in self.works.values())
+            self.flat = torch.empty(most, dtype=self.dtype, device=self.stage.device)
+        return self.flat[:numel]
+
+    def _written(self) -> None:
+        with self.unwritten:
+            self.pending -= 1
+            self.unwritten.notify_all()
+
     def _chunks_of(self, w: Work, grads: bool):
-        """``(samples of its file, info, chunk on the device)`` of a layer's inputs (or
-        gradients), each chunk's host buffer back to the reader once the chunk has been used."""
+        """``(samples of its file, info, chunk on the device, check)`` of a layer's inputs
+        (or gradients), each chunk's host buffer back to the reader once the chunk has been
+        used. ``check(probe=None)`` counts the chunk's NaN/Inf (:meth:`Finite.check`; a
+        chunk cast to another dtype is counted as stored, before the cast)."""
         for src, key, info, (_, a, b), samples in self._inputs(w, grads):
             self.ranks.check()
             x_host, buf = self.prefetch.next()
             shape = (1, b - a, *info.shape[2:]) if grads else (b - a, *info.shape[1:])
             x_host = x_host.view(shape)
-            self.finite[id(src)].check(key, x_host)
+            finite, cast = self.finite[id(src)], x_host.dtype != self.dtype
+            if cast:
+                finite.check(key, x_host)
             x = self.stage.to_device(x_host, self.dtype)
             self.stage.wait_copied()  # a device copy has left the host buffer
             if x.data_ptr() != x_host.data_ptr():
                 self.pool.put(buf)
                 buf = None
-            yield samples, info, x
+            yield samples, info, x, _checked if cast else partial(finite.check, key, x)
             if buf is not None:  # the sum read the buffer itself: it is free now
                 self.pool.put(buf)
 
     def close(self) -> None:
         self.prefetch.close()
+
+
+def _checked(probe: torch.Tensor | None = None) -> None:
+    """A chunk's NaN/Inf check when it has been counted already."""
 
 
 def run_merge(

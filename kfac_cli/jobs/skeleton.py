@@ -175,9 +175,11 @@ def meta_json(value: object) -> str:
     return json.dumps(value, sort_keys=True, separators=(",", ":"))
 
 
-def _nonfinite(x: torch.Tensor) -> int:
-    """How many NaN/Inf ``x`` holds; one read pass when there are none."""
-    if not x.is_floating_point() or torch.isfinite(x.sum()):
+def _nonfinite(x: torch.Tensor, probe: torch.Tensor | None = None) -> int:
+    """How many NaN/Inf ``x`` holds; one read pass of ``x`` when there are none, or of
+    ``probe``: values computed from ``x`` that any NaN/Inf in it makes non-finite (sums
+    that every element of ``x`` enters)."""
+    if not x.is_floating_point() or torch.isfinite((x if probe is None else probe).sum()):
         return 0  # any NaN/Inf makes the sum non-finite (an overflow is counted exactly)
     return x.numel() - int(torch.isfinite(x).sum())
 
@@ -189,8 +191,9 @@ class Finite:
         self.file, self.strict, self.reporter = file, strict, reporter
         self.bad: dict[str, int] = {}
 
-    def check(self, key: str, x: torch.Tensor) -> None:
-        bad = _nonfinite(x)
+    def check(self, key: str, x: torch.Tensor, probe: torch.Tensor | None = None) -> None:
+        """Count ``x``'s NaN/Inf (``probe``: see :func:`_nonfinite`)."""
+        bad = _nonfinite(x, probe)
         if bad and self.strict:
             raise KfacError(self.file, key, "finite values", f"{bad} NaN/Inf values")
         if bad:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from functools import lru_cache
 from math import prod
 
 from kfac_cli.errors import KfacError
@@ -160,6 +161,11 @@ class ConvParams:
             out.append((i + pl + pr - span) // s + 1)
         return tuple(out)
 
+    def reads_every_input(self, input_size: Sequence[int]) -> bool:
+        """Whether every input element lies in some output location's window (not so when
+        the stride steps over the kernel's taps, or windows end before the input does)."""
+        return _reads_every_input(self, tuple(input_size))
+
     def check_input(self, shape: Sequence[int]) -> tuple[int, ...]:
         """Check an input shape ``[B, C_in, I_1..I_N]``; return the output size ``O``.
 
@@ -212,3 +218,19 @@ class ConvParams:
             "groups": self.groups,
             "padding_mode": self.padding_mode,
         }
+
+
+@lru_cache(maxsize=256)
+def _reads_every_input(params: ConvParams, size: tuple[int, ...]) -> bool:
+    for i, k, s, d, (left, _), o in zip(
+        size,
+        params.kernel_size,
+        params.stride,
+        params.dilation,
+        params.pads(),
+        params.output_size(size),
+    ):
+        read = {start + j * d - left for start in range(0, o * s, s) for j in range(k)}
+        if not read.issuperset(range(i)):
+            return False
+    return True

@@ -28,7 +28,7 @@ block triangle of the symmetric product (:func:`gram`).
 from __future__ import annotations
 
 import itertools
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from math import prod
 
 import torch
@@ -42,6 +42,7 @@ from kfac_cli.ops.patches import (
     conv_averaged_patches,
     conv_patches,
     group_mean,
+    linear_averaged_patches,
 )
 
 # Tuned on a 2-core x86 VM (see tests/benchmarks): the symmetric product in GRAM_BLOCKS
@@ -55,8 +56,9 @@ CROSS_ROWS = 4096
 OP_OVERHEAD_FLOPS = 2e5
 
 
-def gram(p: Tensor, out: Tensor | None = None, alpha: float = 1.0) -> Tensor:
-    """``out += alpha · pᵀ p`` for ``p: [R, D]`` (``out`` zeros if not given), ``[D, D]``.
+def gram(p: Tensor, out: Tensor | None = None, alpha: float = 1.0, beta: float = 1.0) -> Tensor:
+    """``out = beta · out + alpha · pᵀ p`` for ``p: [R, D]`` (``out`` zeros if not given),
+    ``[D, D]``; with ``beta = 0`` whatever ``out`` held is ignored (even NaN).
 
     Only the upper triangle of ``out`` is updated (a wide ``p`` computes only the upper
     block triangle: about half the work); call :func:`mirror_` once at the end.
@@ -65,11 +67,69 @@ def gram(p: Tensor, out: Tensor | None = None, alpha: float = 1.0) -> Tensor:
     if out is None:
         out = p.new_zeros(d, d)
     if d < GRAM_MIN:
-        return out.addmm_(p.T, p, alpha=alpha)
+        return out.addmm_(p.T, p, alpha=alpha, beta=beta)
     block = -(-d // GRAM_BLOCKS // 16) * 16
     for i in range(0, d, block):
-        out[i : i + block, i:].addmm_(p[:, i : i + block].T, p[:, i:], alpha=alpha)
+        out[i : i + block, i:].addmm_(p[:, i : i + block].T, p[:, i:], alpha=alpha, beta=beta)
     return out
+
+
+class RowGram:
+    """``Σ alpha · pᵀ p`` (its upper triangle) over blocks of rows ``p: [R, D]`` given in
+    turn, for sums of a few rows per chunk (KFAC-reduce).
+
+    The rows are gathered in a buffer of ``max_rows`` and folded by one product per full
+    buffer (or change of ``alpha``) into the accumulator ``target()`` returns, asked for
+    at the first fold (as late as possible) and overwritten by it: no zeroing, and one
+    pass over a large accumulator per buffer instead of one per block.
+    """
+
+    def __init__(
+        self,
+        target: Callable[[], Tensor],
+        max_rows: int,
+        scratch: dict | None = None,
+        name: str = "gram_rows",
+    ) -> None:
+        self.target, self.max_rows, self.scratch, self.name = (
+            target,
+            max(1, max_rows),
+            scratch,
+            name,
+        )
+        self.out: Tensor | None = None
+        self.buffer: Tensor | None = None
+        self.filled, self.alpha = 0, 1.0
+
+    def add(self, rows: Tensor, alpha: float = 1.0) -> None:
+        if self.filled and alpha != self.alpha:
+            self._fold()
+        self.alpha = alpha
+        if self.buffer is None:
+            shape = (self.max_rows, rows.shape[1])
+            self.buffer = scratch_buffer(self.scratch, self.name, shape, rows)
+        while rows.shape[0]:
+            take = min(rows.shape[0], self.max_rows - self.filled)
+            self.buffer[self.filled : self.filled + take] = rows[:take]
+            self.filled, rows = self.filled + take, rows[take:]
+            if self.filled == self.max_rows:
+                self._fold()
+
+    def _fold(self) -> None:
+        first = self.out is None
+        if first:
+            self.out = self.target()
+        rows = self.buffer[: self.filled]  # type: ignore[index]
+        gram(rows, self.out, self.alpha, beta=0.0 if first else 1.0)
+        self.filled = 0
+
+    def finish(self) -> Tensor:
+        """The accumulator, every row folded in (zeros if there were none)."""
+        if self.filled:
+            self._fold()
+        elif self.out is None:
+            self.out = self.target().zero_()
+        return self.out
 
 
 def cross(a: Tensor, b: Tensor) -> Tensor:
@@ -191,15 +251,13 @@ def input_covariance(
         ``out``; without it, the symmetric sum in the format's order (``(c, k..)``, bias
         last).
     """
-    reduce = KFACType(approx) is KFACType.REDUCE
+    if KFACType(approx) is KFACType.REDUCE:
+        rows = reduce_rows(x, params, bias_column)
+        if out is None:
+            return mirror_(gram(rows))
+        return gram(rows, out, alpha)
     taps = 1 if params is None else prod(params.kernel_size)
-    if params is None:
-        rows = x.reshape(x.shape[0], -1, x.shape[-1])
-        rows = rows.mean(1) if reduce else rows.reshape(-1, rows.shape[-1])
-    elif reduce:
-        rows = conv_averaged_patches(x, params)
-    else:
-        rows = None
+    rows = None if params is not None else x.reshape(-1, x.shape[-1])
     d = rows.shape[1] if rows is not None else params.patch_size(x.shape[1])
     full = out is None
     if full:
@@ -220,6 +278,15 @@ def input_covariance(
         return out
     order = sum_order(d // taps, params, approx, bias_column, out.device)
     return reordered_rows(mirror_(out), order)
+
+
+def reduce_rows(x: Tensor, params: ConvParams | None, bias_column: bool = False) -> Tensor:
+    """The KFAC-reduce rows of a layer input, ``[B, D (+1)]``: the averaged patches of
+    ``x: [B, C_in, *I]`` (conv) or the mean of ``x: [B, ..., d_in]`` over its middle dims
+    (linear), with a ones column for a joint bias."""
+    if params is None:
+        return linear_averaged_patches(x, bias_column)
+    return conv_averaged_patches(x, params, bias_column)
 
 
 def expand_method(shape: Sequence[int], params: ConvParams) -> str:
@@ -507,16 +574,21 @@ def gradient_covariance(
         out: The sum to add to.
         alpha: The scale (:func:`loss_correction`).
     """
-    reduce = KFACType(approx) is KFACType.REDUCE
-    if conv:
-        rows = rearrange(g, "v b c ... -> (v b) c (...)")
-        rows = rows.sum(2) if reduce else rearrange(rows, "n c o -> (n o) c")
-    else:
-        rows = rearrange(g, "v b ... c -> (v b) (...) c")
-        rows = rows.sum(1) if reduce else rearrange(rows, "n o c -> (n o) c")
+    rows = gradient_rows(g, conv, approx)
     if out is None:
         return mirror_(gram(rows))
     return gram(rows, out, alpha)
+
+
+def gradient_rows(g: Tensor, conv: bool, approx: KFACType | str) -> Tensor:
+    """The rows of :func:`gradient_covariance`'s sum: ``[V·B·O, C_out]`` (expand) or
+    ``[V·B, C_out]`` (reduce: each the sum over locations) of ``g`` as it describes."""
+    reduce = KFACType(approx) is KFACType.REDUCE
+    if conv:
+        rows = rearrange(g, "v b c ... -> (v b) c (...)")
+        return rows.sum(2) if reduce else rearrange(rows, "n c o -> (n o) c")
+    rows = rearrange(g, "v b ... c -> (v b) (...) c")
+    return rows.sum(1) if reduce else rearrange(rows, "n o c -> (n o) c")
 
 
 def loss_correction(
