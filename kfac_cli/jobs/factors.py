@@ -705,14 +705,15 @@ class _Accumulator:
                 self.done[f"{key}.eigenvectors"] = vecs
 
     def _sums(self, numel: int) -> torch.Tensor:
-        """``numel`` elements of the sums' buffer (uninitialised), allocated once for the
-        largest layer (only what a layer uses is touched), once the writer has written
-        what :meth:`produce` gave it from there."""
+        """``numel`` elements of the sums' buffer (uninitialised), once the writer has
+        written what :meth:`produce` gave it from there. The buffer is reused by a layer of
+        about its size (fresh memory is slow to touch), else replaced: memory follows the
+        layer in hand, never a larger one's sums beside its own chunks."""
         with self.unwritten:
             self.unwritten.wait_for(lambda: self.pending == 0)
-        if self.flat is None:
-            most = max(w.d**2 + (w.c_out**2 if self.grads else 0) for w in self.works.values())
-            self.flat = torch.empty(most, dtype=self.dtype, device=self.stage.device)
+        if self.flat is None or not numel <= self.flat.numel() <= numel + numel // 4:
+            self.flat = None
+            self.flat = torch.empty(numel, dtype=self.dtype, device=self.stage.device)
         return self.flat[:numel]
 
     def _written(self) -> None:

@@ -96,6 +96,7 @@ class BackgroundWriter:
             finally:
                 if done is not None:
                     done()
+                item = tensor = None  # written: not kept alive while the next is awaited
 
     def _raise(self) -> None:
         if self._error is not None:

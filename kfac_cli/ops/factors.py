@@ -6,15 +6,17 @@ chunks and files and scales once at the end:
 
 - input factor: ``A = Σ_{b,o} a aᵀ / (N·O)`` (expand: the patches rows, ``O`` output
   locations per sample) or ``Σ_b ā āᵀ / N`` (reduce: averaged patches). With a joint bias
-  the rows get a ones column, so the sum is ``[[Σ a aᵀ, Σ a], [Σ aᵀ, rows]]``, computed
-  without forming that column: ``Σ a`` is the reduce kernel's window sum.
+  the rows get a ones column, so the sum is ``[[Σ a aᵀ, Σ a], [Σ aᵀ, rows]]``: expand
+  computes it without forming that column (``Σ a`` is the reduce kernel's window sum);
+  reduce appends it to its few rows.
 - gradient factor: ``G = c · Σ g gᵀ`` over backpropagated vectors, samples and (expand)
   output locations, or over samples of the location sums (reduce); ``c`` is
   :func:`loss_correction`.
 
 The sums are added in place to the upper triangle of an accumulator (``out``, scaled by
 ``alpha``), and :func:`mirror_` makes it exactly symmetric once at the end: no temporary of a
-factor's size, so memory is a chunk and one layer's factors.
+factor's size, so memory is a chunk and one layer's factors. KFAC-reduce has a few rows per
+chunk: :class:`RowGram` gathers them and folds a buffer of them at a time.
 
 The expand input sum never materialises the patches of a stride-1 convolution: its
 entries are sums of the same channel products at a few lags (``(2K-1)^N`` lags against
