@@ -298,6 +298,27 @@ def test_gram_is_the_symmetric_product(device):
     torch.testing.assert_close(mirror_(gram(p)), p.T @ p, rtol=1e-12, atol=1e-10)
 
 
+@pytest.mark.parametrize("approx", ["expand", "reduce"])
+def test_gradient_covariance_against_einsum(approx):
+    """Σ g gᵀ over vectors, samples and locations (expand), or of the location sums."""
+    from kfac_cli.ops.factors import gradient_covariance
+
+    g = torch.randn(2, 3, 5, 4, 6, dtype=torch.float64)  # [V, B, C_out, O1, O2]
+    seq = torch.randn(2, 3, 7, 5, dtype=torch.float64)  # [V, B, S, d_out]
+    if approx == "expand":
+        conv_ref = torch.einsum("vbiyx,vbjyx->ij", g, g)
+        linear_ref = torch.einsum("vbsi,vbsj->ij", seq, seq)
+    else:
+        conv_ref = torch.einsum("vbi,vbj->ij", g.sum((3, 4)), g.sum((3, 4)))
+        linear_ref = torch.einsum("vbi,vbj->ij", seq.sum(2), seq.sum(2))
+    for got, ref in (
+        (gradient_covariance(g, True, approx), conv_ref),
+        (gradient_covariance(seq, False, approx), linear_ref),
+    ):
+        torch.testing.assert_close(got, ref, rtol=1e-12, atol=1e-12)
+        assert torch.equal(got, got.T)
+
+
 @settings(max_examples=60, deadline=None)
 @given(data=st.data())
 def test_row_gram_folds_like_one_sum(data):

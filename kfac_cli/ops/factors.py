@@ -93,12 +93,8 @@ class RowGram:
         scratch: dict | None = None,
         name: str = "gram_rows",
     ) -> None:
-        self.target, self.max_rows, self.scratch, self.name = (
-            target,
-            max(1, max_rows),
-            scratch,
-            name,
-        )
+        self.target, self.max_rows = target, max(1, max_rows)
+        self.scratch, self.name = scratch, name
         self.out: Tensor | None = None
         self.buffer: Tensor | None = None
         self.filled, self.alpha = 0, 1.0

@@ -87,18 +87,45 @@ save_file(out, out_file)
 """
 
 
+# Runs each timed process. Linux records the old memory's peak in a process's ru_maxrss at
+# exec, and subprocess starts children with vfork, in the parent's memory: a child of this
+# process (torch imported, kernels run) would report this process's peak if larger than
+# its own. This launcher, started before this process grows, stays small.
+LAUNCHER = r"""
+import json, os, subprocess, sys, tempfile, time
+for line in sys.stdin:
+    cmd, env = json.loads(line)
+    with tempfile.TemporaryFile() as err:
+        start = time.perf_counter()
+        proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=err)
+        _, status, usage = os.wait4(proc.pid, 0)
+        seconds = time.perf_counter() - start
+        err.seek(0)
+        message = err.read().decode(errors="replace")
+    code = os.waitstatus_to_exitcode(status)
+    print(json.dumps([seconds, usage.ru_maxrss * 1024, code, message]), flush=True)
+"""
+_launcher: subprocess.Popen | None = None
+
+
+def start_launcher() -> None:
+    """Start the launcher (see :data:`LAUNCHER`) while this process is small."""
+    global _launcher
+    _launcher = subprocess.Popen(
+        [sys.executable, "-c", LAUNCHER], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+    )
+
+
 def timed(cmd: list[str], env: dict) -> tuple[float, int]:
-    """Wall seconds and peak RSS (bytes) of one child process."""
-    start = time.perf_counter()
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    _, status, usage = os.wait4(proc.pid, 0)
-    seconds = time.perf_counter() - start
-    proc.returncode = os.waitstatus_to_exitcode(status)
-    err = proc.stderr.read().decode(errors="replace")
-    proc.stderr.close()
-    if proc.returncode:
-        raise RuntimeError(f"{cmd[:3]} failed ({proc.returncode}):\n{err}")
-    return seconds, usage.ru_maxrss * 1024
+    """Wall seconds and peak RSS (bytes) of one child process, run by the launcher."""
+    if _launcher is None:
+        start_launcher()
+    _launcher.stdin.write(json.dumps([[str(c) for c in cmd], env]) + "\n")
+    _launcher.stdin.flush()
+    seconds, rss, code, message = json.loads(_launcher.stdout.readline())
+    if code:
+        raise RuntimeError(f"{cmd[:3]} failed ({code}):\n{message}")
+    return seconds, rss
 
 
 def _fresh(paths) -> None:
@@ -462,6 +489,7 @@ def main() -> None:
     )
     parser.add_argument("--json", type=Path, help="also write the numbers here")
     args = parser.parse_args()
+    start_launcher()
     env = {
         **os.environ,
         "OMP_NUM_THREADS": str(args.threads),
