@@ -665,8 +665,10 @@ class _Accumulator:
                     x, conv, self.approx, bias, out=a, alpha=alpha, scratch=self.scratch
                 )
         if self.grads:
-            g_fold = RowGram(g_sum, rows_per_fold(w.c_out), self.scratch, "g_rows")
-            g = None if reduce else g_sum().zero_()
+            if reduce:
+                g_fold = RowGram(g_sum, rows_per_fold(w.c_out), self.scratch, "g_rows")
+            else:
+                g = g_sum().zero_()
             for samples, _, grad, check in self._chunks_of(w, grads=True):
                 c = loss_correction(
                     self.conv.loss_reduction,
@@ -698,7 +700,7 @@ class _Accumulator:
             key = f"{w.layer.name}.{name}"
             sym = mirror_(upper)
             self.done[key] = (sym, orders.get(name))
-            if self.eigh and self.ranks.writer:
+            if self.eigh:
                 full = reordered_rows(sym, orders.get(name)).double()
                 vals, vecs = torch.linalg.eigh(full)
                 self.done[f"{key}.eigenvalues"] = vals
@@ -712,7 +714,7 @@ class _Accumulator:
         with self.unwritten:
             self.unwritten.wait_for(lambda: self.pending == 0)
         if self.flat is None or not numel <= self.flat.numel() <= numel + numel // 4:
-            self.flat = None
+            self.flat = None  # the old one freed before the new one is touched
             self.flat = torch.empty(numel, dtype=self.dtype, device=self.stage.device)
         return self.flat[:numel]
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 import fnmatch
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
+from functools import cached_property
 from math import prod
 
 from kfac_cli.errors import KfacError
@@ -121,15 +122,19 @@ class LayerTable:
     aliases: dict[str, str] = field(default_factory=dict)
     untreated_layers: list[dict] = field(default_factory=list)
     frozen: list[str] = field(default_factory=list)
-    _by_name: dict[str, Layer] | None = field(default=None, init=False, repr=False, compare=False)
+
+    @cached_property
+    def _by_name(self) -> dict[str, Layer]:
+        """Each layer under every name it is called by (built once: jobs look up every key
+        several times)."""
+        by_name: dict[str, Layer] = {}
+        for la in self.layers:
+            for n in la.names:
+                by_name.setdefault(n, la)
+        return by_name
 
     def layer(self, key: str) -> Layer | None:
         """The layer a dump key names: a calling module, or ``<module>#<k>``."""
-        if self._by_name is None:  # built once: jobs look up every key several times
-            self._by_name = {}
-            for la in self.layers:
-                for n in la.names:
-                    self._by_name.setdefault(n, la)
         return self._by_name.get(call_of(key)[0])
 
     def untreated_layer(self, key: str) -> dict | None:
