@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import os
 import shutil
 import socket
 import subprocess
 import sys
+import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -78,3 +82,62 @@ def invoke(*args: object, check: bool = False):
     if check and r.exit_code != 0:
         raise AssertionError(f"kfac-cli {args} exited {r.exit_code}:\n{r.stderr}")
     return SimpleNamespace(returncode=r.exit_code, stdout=r.stdout_bytes, stderr=r.stderr_bytes)
+
+
+def _wait_for(condition, proc: subprocess.Popen, what: str, seconds: float = 120) -> None:
+    """Poll ``condition`` until it holds; fail if ``proc`` ends first or time runs out."""
+    deadline = time.monotonic() + seconds
+    while not condition():
+        if proc.poll() is not None:
+            raise AssertionError(f"the run ended before {what}: {proc.stderr.read()!r}")
+        if time.monotonic() > deadline:
+            proc.kill()
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.01)
+
+
+def interrupt_mid_write(args: list[str], dump: bytes, fifo: Path, outdir: Path, signum: int):
+    """Run the CLI with ``args`` (one of which is the named pipe ``fifo``), feed it all of
+    ``dump`` but its last byte, and send ``signum`` once it is writing its output.
+
+    Synchronised on what the run does, never on a sleep: the run cannot finish (its input
+    has not ended), its temporary output exists when the signal is sent, and the pipe is
+    closed only once that temporary file is gone again (the interrupt was handled). Returns
+    the finished ``Popen`` and its stderr.
+    """
+    os.mkfifo(fifo)
+    proc = subprocess.Popen([*kfac_cli_exe(), *args], stderr=subprocess.PIPE)
+    fd = -1
+
+    def opened() -> bool:  # the run has opened the pipe for reading
+        nonlocal fd
+        try:
+            fd = os.open(fifo, os.O_WRONLY | os.O_NONBLOCK)
+        except OSError as e:
+            if e.errno != errno.ENXIO:
+                raise
+            return False
+        return True
+
+    _wait_for(opened, proc, "it opened its input")
+    os.set_blocking(fd, True)
+    fed = threading.Event()
+
+    def feed() -> None:
+        with contextlib.suppress(BrokenPipeError):
+            _write_all(fd, dump[:-1])
+        fed.set()
+
+    threading.Thread(target=feed, daemon=True).start()
+    _wait_for(lambda: fed.is_set() and any(outdir.iterdir()), proc, "it wrote its output")
+    proc.send_signal(signum)
+    _wait_for(lambda: not any(outdir.iterdir()), proc, "it removed its output", seconds=60)
+    os.close(fd)
+    _, stderr = proc.communicate(timeout=120)
+    return proc, stderr
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view) :]
