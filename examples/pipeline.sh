@@ -33,7 +33,7 @@ for i in 0 1 2 3; do
   echo "$i"
 done | xargs -P 2 -I{} kfac-cli factors "$dir/model.pt2" "$dir/shards/acts-0000{}.safetensors" \
   --grads "$dir/shards/grads-0000{}.safetensors" -o "$dir/out/part-{}.safetensors" --force -q
-kfac-cli factors --merge "$dir"/out/part-*.safetensors -o "$dir/out/merged.safetensors" --force -q
+kfac-cli merge "$dir"/out/part-*.safetensors -o "$dir/out/merged.safetensors" --force -q
 # ... equal one run over all the shards.
 kfac-cli factors "$dir/model.pt2" "$dir"/shards/acts-*.safetensors \
   --grads "$dir"/shards/grads-*.safetensors -o "$dir/out/all.safetensors" --force -q

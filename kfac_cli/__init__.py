@@ -6,7 +6,11 @@ do not import torch):
 - :func:`extract_patches`, :func:`extract_averaged_patches` (KFAC-expand / -reduce inputs),
 - :func:`to_canonical`, :func:`from_canonical` (the canonical parameter layout),
 - :class:`KFACType`, :class:`FisherType`, :class:`ConvParams`, :class:`KfacError`,
-- :func:`load_layer_table` (a model checkpoint's layer table).
+- :func:`load_layer_table` (a model checkpoint's layer table),
+- the commands as library functions: :func:`run_patches`, :func:`run_canonicalize`,
+  :func:`run_uncanonicalize`, :func:`run_factors`, :func:`run_merge`, :func:`run_info`,
+- :func:`record` (activation and output-gradient dumps from a model and its data),
+- :func:`identify` (what a file is, from its first bytes and header).
 """
 
 from __future__ import annotations
@@ -31,9 +35,36 @@ _API = {
     "run_patches": "kfac_cli.jobs.patches",
     "run_canonicalize": "kfac_cli.jobs.canonicalize",
     "run_uncanonicalize": "kfac_cli.jobs.canonicalize",
+    "run_factors": "kfac_cli.jobs.factors",
+    "run_merge": "kfac_cli.jobs.factors",
+    "run_info": "kfac_cli.jobs.info",
+    "record": "kfac_cli.record",
+    "identify": "kfac_cli.files.kinds",
 }
 
-__all__ = ["__version__", *_API]
+__all__ = [  # noqa: RUF022 (grouped as above, not sorted)
+    "__version__",
+    "extract_patches",
+    "extract_averaged_patches",
+    "to_canonical",
+    "from_canonical",
+    "ParamGroup",
+    "KFACType",
+    "FisherType",
+    "LossReduction",
+    "ConvParams",
+    "KfacError",
+    "load_layer_table",
+    "LayerTable",
+    "run_patches",
+    "run_canonicalize",
+    "run_uncanonicalize",
+    "run_factors",
+    "run_merge",
+    "run_info",
+    "record",
+    "identify",
+]
 
 
 def __getattr__(name: str):

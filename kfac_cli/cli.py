@@ -34,7 +34,6 @@ app = typer.Typer(
     help="KFAC curvature preprocessing: convolution patches, the canonical parameter "
     "layout and Kronecker factors, from model checkpoints to safetensors files.",
     no_args_is_help=True,
-    add_completion=False,
     pretty_exceptions_enable=False,
     rich_markup_mode=None,
     context_settings={"help_option_names": ["-h", "--help"]},
@@ -51,8 +50,37 @@ FIXES = {
     "dtype": "pass --dtype to convert",
     "columns": "pass --columns",
     "batch_first": "pass --batch-first",
+    "grads": "output-gradient dumps go after --grads",
+    "inverse": "to convert a canonical file back: kfac-cli canonicalize --inverse CANONICAL",
+    "merge": "to combine factors files: kfac-cli merge FACTORS...",
+}
+# How each command is called, for an input given in the wrong place ("model_first").
+USAGE = {
+    "layers": "kfac-cli layers MODEL",
+    "patches": "kfac-cli patches MODEL ACTIVATIONS",
+    "canonicalize": "kfac-cli canonicalize MODEL TENSORS",
+    "factors": "kfac-cli factors MODEL ACTS... --grads GRADS...",
+    "merge": "kfac-cli merge FACTORS...",
 }
 OPTION_KEYS = {"device": "--device", "dtype": "--dtype"}
+
+
+def choice(enum: type, allowed: tuple | None = None) -> dict:
+    """Option settings for an enumeration: its values as the metavar and a parser whose
+    error lists them (``'reduc' is not one of 'expand', 'reduce'``)."""
+    members = tuple(allowed or enum)
+    names = ", ".join(repr(m.value) for m in members)
+
+    def parse(value: object):
+        if isinstance(value, enum) and value in members:
+            return value
+        for m in members:
+            if str(value) == m.value:
+                return m
+        raise typer.BadParameter(f"{value!r} is not one of {names}")
+
+    return {"parser": parse, "metavar": "<" + "|".join(m.value for m in members) + ">"}
+
 
 ModelFile = Annotated[Path, typer.Argument(show_default=False, metavar="MODEL")]
 Out = Annotated[
@@ -71,7 +99,10 @@ Device = Annotated[
 DTypeOpt = Annotated[
     ComputeDtype | None,
     typer.Option(
-        "--dtype", help="Compute and output dtype (default: keep the input's).", show_default=False
+        "--dtype",
+        help="Compute and output dtype (default: keep the input's).",
+        show_default=False,
+        **choice(ComputeDtype),
     ),
 ]
 LayerGlobs = Annotated[
@@ -113,7 +144,7 @@ def _main(
     version: Annotated[
         bool,
         typer.Option(
-            "--version", callback=_version, is_eager=True, help="Print the version and exit."
+            "--version", "-V", callback=_version, is_eager=True, help="Print the version and exit."
         ),
     ] = False,
 ) -> None:
@@ -124,12 +155,14 @@ def _main(
     """
 
 
-def error_line(e: KfacError) -> str:
+def error_line(e: KfacError, command: str | None = None) -> str:
     """The ``Error:`` line: option keys as flags, and the flag that fixes it, if any."""
     if e.file is None and e.key in OPTION_KEYS:
         e = KfacError(None, OPTION_KEYS[e.key], e.expected, e.found)
     line = f"Error: {e.line()}"
-    if e.fix in FIXES:
+    if e.fix == "model_first" and command in USAGE:
+        line += f"; MODEL comes first: {USAGE[command]}"
+    elif e.fix in FIXES:
         line += f" ({FIXES[e.fix]})"
     return line
 
@@ -144,7 +177,7 @@ def _quiet_exit_on_closed_stdout() -> None:
     raise typer.Exit(128 + signal.SIGPIPE)
 
 
-def _run(debug: bool, job: Callable[[], Any]) -> Any:
+def _run(debug: bool, job: Callable[[], Any], command: str | None = None) -> Any:
     """Run a job; the one place where errors become a stderr line and an exit code."""
     try:
         return job()
@@ -153,7 +186,7 @@ def _run(debug: bool, job: Callable[[], Any]) -> Any:
             traceback.print_exc()
         if getattr(e, "quiet", False):  # another rank failed and said why
             raise typer.Exit(1) from None
-        err.print(error_line(e), markup=False)
+        err.print(error_line(e, command), markup=False)
         if e.hint:
             err.print(f"Hint: {escape(e.hint)}", markup=False)
         raise typer.Exit(1) from None
@@ -182,8 +215,9 @@ def _reporter(quiet: bool):
     if quiet:
         return Reporter(), None
     warn = lambda message: err.print(f"Warning: {escape(message)}", markup=False)  # noqa: E731
+    note = lambda message: err.print(f"Note: {escape(message)}", markup=False)  # noqa: E731
     if not err.is_terminal:
-        return Reporter(warn=warn), None
+        return Reporter(warn=warn, note=note), None
     from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeElapsedColumn
 
     progress = Progress(
@@ -199,6 +233,7 @@ def _reporter(quiet: bool):
         start=lambda total: progress.update(task, total=total),
         advance=lambda key, n: progress.update(task, advance=n, description=escape(key)),
         warn=warn,
+        note=note,
     ), progress
 
 
@@ -216,8 +251,16 @@ def _with_reporter(quiet: bool, make: Callable[[Any], Any]) -> Callable[[], Any]
 
 
 def _check_stdout(out: str, as_json: bool) -> None:
+    """``-o -`` shares stdout with nothing, and never writes binary into a terminal (as gzip
+    and zstd refuse to; ``--force`` does not change that)."""
     if out == "-" and as_json:
         raise typer.BadParameter("--json cannot share stdout with '-o -'", param_hint="--json")
+    if out == "-" and sys.stdout is not None and sys.stdout.isatty():
+        raise typer.BadParameter(
+            "stdout is a terminal: '-o -' writes binary safetensors data; redirect it "
+            "(> FILE or | tool) or give a file",
+            param_hint="'-o'",
+        )
 
 
 def _check_model(model: object) -> None:
@@ -240,10 +283,12 @@ def _emit_json(summary: dict) -> None:
     _emit(json.dumps(summary) + "\n")
 
 
-def _run_job(debug: bool, quiet: bool, as_json: bool, make: Callable[[Any], dict]) -> None:
-    summary = _run(debug, _with_reporter(quiet, make))
+def _run_job(
+    command: str, debug: bool, quiet: bool, as_json: bool, make: Callable[[Any], dict]
+) -> None:
+    summary = _run(debug, _with_reporter(quiet, make), command)
     if as_json:
-        _run(debug, lambda: _emit_json(summary))
+        _run(debug, lambda: _emit_json(summary), command)
 
 
 @app.command(epilog=EPILOG)
@@ -284,27 +329,13 @@ def layers(
         else:
             _print_table(table)
 
-    _run(debug, job)
+    _run(debug, job, "layers")
 
 
-def _print_table(table) -> None:
-    from rich import box
-    from rich.table import Table
-
-    out = Console(highlight=False)
-    if not out.is_terminal:
-        out = Console(highlight=False, width=200)
-    t = Table(
-        title=escape(f"{table.source}: {len(table.layers)} layer(s) treated by KFAC"),
-        box=box.SIMPLE_HEAD,
-        pad_edge=False,
-        title_justify="left",
-    )
-    cols = ("layer", "kind", "weight", "bias", "kernel", "stride", "pad", "dil", "groups", "mode")
-    for col in cols:
-        t.add_column(col, overflow="fold")
-    t.add_column("block", justify="right")
+def _layer_rows(table) -> list[list[str]]:
+    """One row of the layer table per layer: the columns of :data:`TABLE_COLUMNS`."""
     fmt = lambda v: "x".join(map(str, v)) if isinstance(v, tuple) else str(v)  # noqa: E731
+    rows = []
     for la in table.layers:
         c = la.conv
         hyper = ["-"] * 6 if not la.is_conv else ["?"] * 6
@@ -323,39 +354,92 @@ def _print_table(table) -> None:
                 c.padding_mode,
             ]
         name = la.name if la.calls == 1 else f"{la.name} (x{la.calls})"
-        t.add_row(
-            escape(name),
-            la.kind,
-            fmt(la.weight_shape),
-            "yes" if la.bias else "no",
-            *hyper,
-            str(la.canonical_size),
+        rows.append(
+            [
+                escape(name),
+                la.kind,
+                fmt(la.weight_shape),
+                "yes" if la.bias else "no",
+                *hyper,
+                str(la.canonical_size),
+            ]
         )
-    out.print(t)
-    lines = []
+    return rows
+
+
+TABLE_COLUMNS = (
+    "layer",
+    "kind",
+    "weight",
+    "bias",
+    "kernel",
+    "stride",
+    "pad",
+    "dil",
+    "groups",
+    "mode",
+    "block",
+)
+
+
+def _table_text(rows: list[list[str]], width: int) -> list[str]:
+    """The layer table as lines of at most ``width`` columns where it fits; else each layer
+    as its name and then ``column value`` pairs folded between pairs, never inside one."""
+    widths = [max([len(c), *(len(r[i]) for r in rows)]) for i, c in enumerate(TABLE_COLUMNS)]
+    if sum(widths) + 3 * (len(widths) - 1) <= width:
+
+        def line(cells):
+            last = len(cells) - 1
+            return "   ".join(
+                c.rjust(w) if i == last else c.ljust(w)
+                for i, (c, w) in enumerate(zip(cells, widths))
+            ).rstrip()
+
+        return [line(TABLE_COLUMNS), "-" * len(line(TABLE_COLUMNS)), *map(line, rows)]
+    import textwrap
+
+    out = []
+    for r in rows:
+        out.append(r[0])
+        pairs = [f"{c} {v}" for c, v in zip(TABLE_COLUMNS[1:], r[1:])]
+        text = "  ".join(p.replace(" ", "\0") for p in pairs)
+        for folded in textwrap.wrap(text, max(width - 4, 20), break_long_words=False):
+            out.append("    " + folded.replace("\0", " "))
+    return out
+
+
+def _print_table(table) -> None:
+    """The layer table on stdout: as wide as the terminal (100 columns when piped), no
+    trailing spaces, never a name or value broken inside."""
+    import shutil
+
+    width = shutil.get_terminal_size((100, 24)).columns if sys.stdout.isatty() else 100
+    lines = [escape(f"{table.source}: {len(table.layers)} layer(s) treated by KFAC"), ""]
+    lines += _table_text(_layer_rows(table), width)
+    notes = []
     for la in table.layers:
         others = [n for n in la.names if n != la.name]
         if others or la.weight != f"{la.name}.weight" or la.shared_with:
             uses = f"; also used by {', '.join(la.shared_with)}" if la.shared_with else ""
             also = f", also called from {', '.join(others)}" if others else ""
-            lines.append(f"  {la.name}: weight {la.weight}{also}{uses}")
+            notes.append(f"  {la.name}: weight {la.weight}{also}{uses}")
     for alias, name in table.aliases.items():
-        lines.append(f"  {alias} is {name} (tied)")
-    if lines:
-        out.print("Shared and tied weights:", markup=False)
-        for line in lines:
-            out.print(escape(line), markup=False)
+        notes.append(f"  {alias} is {name} (tied)")
+    if notes:
+        lines += ["Shared and tied weights:", *map(escape, notes)]
     if table.untreated_layers:
-        out.print("Layers KFAC cannot treat:", markup=False)
-        for u in table.untreated_layers:
-            out.print(escape(f"  {u['name']} ({u['op']}): {u['reason']}"), markup=False)
+        lines.append("Layers KFAC cannot treat:")
+        lines += [
+            escape(f"  {u['name']} ({u['op']}): {u['reason']}") for u in table.untreated_layers
+        ]
     if table.untreated:
-        out.print("Parameters not treated by KFAC:", markup=False)
+        lines.append("Parameters not treated by KFAC:")
         for u in table.untreated:
             used = f"  (used by {', '.join(u['used_by'])})" if u.get("used_by") else ""
-            out.print(escape(f"  {u['name']} {u['shape']}{used}"), markup=False)
+            lines.append(escape(f"  {u['name']} {u['shape']}{used}"))
     if table.frozen:
-        out.print(escape(f"Frozen (no gradients): {', '.join(table.frozen)}"), markup=False)
+        lines.append(escape(f"Frozen (no gradients): {', '.join(table.frozen)}"))
+    _emit("".join(f"{line.rstrip()}\n" for line in lines))
 
 
 @app.command(epilog=EPILOG)
@@ -366,7 +450,8 @@ def patches(
     approx: Annotated[
         KFACType,
         typer.Option(
-            help="expand: patches [B, O, (C_in/G)*K]; reduce: averaged patches [B, (C_in/G)*K]."
+            help="expand: patches [B, O, (C_in/G)*K]; reduce: averaged patches [B, (C_in/G)*K].",
+            **choice(KFACType),
         ),
     ] = KFACType.EXPAND,
     layer: LayerGlobs = None,
@@ -434,7 +519,7 @@ def patches(
             reporter=reporter,
         )
 
-    _run_job(debug, quiet, as_json, make)
+    _run_job("patches", debug, quiet, as_json, make)
 
 
 @app.command(epilog=EPILOG)
@@ -474,7 +559,8 @@ def canonicalize(
     ] = False,
     layer: LayerGlobs = None,
     layout: Annotated[
-        Layout, typer.Option(help="flat: [C_out*(rest+1)]; matrix: [C_out, rest+1].")
+        Layout,
+        typer.Option(help="flat: [C_out*(rest+1)]; matrix: [C_out, rest+1].", **choice(Layout)),
     ] = Layout.FLAT,
     columns: Annotated[
         bool,
@@ -517,10 +603,10 @@ def canonicalize(
     _check_stdout(output, as_json)
     if inverse and len(inputs) not in (1, 2):
         raise typer.BadParameter(
-            "--inverse takes CANONICAL or MODEL CANONICAL", param_hint="inputs"
+            "--inverse takes CANONICAL or MODEL CANONICAL", param_hint="'[MODEL] TENSORS'"
         )
     if not inverse and len(inputs) != 2:
-        raise typer.BadParameter("expected MODEL TENSORS", param_hint="inputs")
+        raise typer.BadParameter("expected MODEL TENSORS", param_hint="'[MODEL] TENSORS'")
     if len(inputs) == 2:
         _check_model(inputs[0])
     if inverse and (
@@ -564,7 +650,7 @@ def canonicalize(
             **common,
         )
 
-    _run_job(debug, quiet, as_json, make)
+    _run_job("canonicalize", debug, quiet, as_json, make)
 
 
 @app.command(epilog=EPILOG)
@@ -590,7 +676,10 @@ def factors(
     ] = None,
     approx: Annotated[
         KFACType,
-        typer.Option(help="expand: A over every output location; reduce: over averaged patches."),
+        typer.Option(
+            help="expand: A over every output location; reduce: over averaged patches.",
+            **choice(KFACType),
+        ),
     ] = KFACType.EXPAND,
     fisher_type: Annotated[
         FisherType | None,
@@ -599,6 +688,7 @@ def factors(
             help="What the gradients are (default: from the gradient files; forward-only "
             "without --grads).",
             show_default=False,
+            **choice(FisherType),
         ),
     ] = None,
     loss_reduction: Annotated[
@@ -607,6 +697,7 @@ def factors(
             "--loss-reduction",
             help="How the loss combined its terms (default: from the gradient files).",
             show_default=False,
+            **choice(LossReduction),
         ),
     ] = None,
     loss_terms: Annotated[
@@ -645,8 +736,15 @@ def factors(
         typer.Option("--merge", help="Combine factor files made from disjoint data."),
     ] = False,
     dtype: Annotated[
-        ComputeDtype, typer.Option("--dtype", help="Accumulation and output dtype.")
-    ] = ComputeDtype.FLOAT32,
+        ComputeDtype | None,
+        typer.Option(
+            "--dtype",
+            help="Accumulation and output dtype (default: the dumps' float dtype; float16 and "
+            "bfloat16 dumps accumulate in float32).",
+            show_default=False,
+            **choice(ComputeDtype, (ComputeDtype.FLOAT32, ComputeDtype.FLOAT64)),
+        ),
+    ] = None,
     device: Device = "cpu",
     layer: LayerGlobs = None,
     ignore_unknown: Annotated[
@@ -700,7 +798,7 @@ def factors(
         quiet, as_json = True, False
     if merge:
         if len(inputs) < 1:
-            raise typer.BadParameter("--merge takes one or more factor files", param_hint="inputs")
+            raise typer.BadParameter("--merge takes one or more factor files", param_hint="FACTORS")
         if grads or layer or fisher_type or loss_reduction or loss_terms or mc_samples:
             raise typer.BadParameter(
                 "--merge takes factor files only; their conventions come from their metadata",
@@ -708,10 +806,15 @@ def factors(
             )
     else:
         if len(inputs) < 2:
-            raise typer.BadParameter("expected MODEL ACTS...", param_hint="inputs")
+            raise typer.BadParameter("expected MODEL ACTS...", param_hint="'MODEL ACTS...'")
         _check_model(inputs[0])
     if [*inputs, *(grads or [])].count("-") > 1:
-        raise typer.BadParameter("at most one input may be '-' (stdin)", param_hint="inputs")
+        raise typer.BadParameter(
+            "at most one input may be '-' (stdin)", param_hint="'MODEL ACTS...'"
+        )
+
+    if merge and not quiet:
+        err.print("Note: `factors --merge` is now `kfac-cli merge FACTORS...`", markup=False)
 
     def make(reporter):
         from kfac_cli.jobs.factors import run_factors, run_merge
@@ -730,7 +833,7 @@ def factors(
             mc_samples=mc_samples,
             separate_bias=separate_bias,
             eigh=eigh,
-            dtype=dtype.value,
+            dtype=dtype.value if dtype else None,
             device=device,
             patterns=layer,
             ignore_unknown=ignore_unknown,
@@ -742,7 +845,43 @@ def factors(
             reporter=reporter,
         )
 
-    _run_job(debug, quiet, as_json, make)
+    _run_job("factors", debug, quiet, as_json, make)
+
+
+@app.command(epilog=EPILOG)
+def merge(
+    factor_files: Annotated[list[str], typer.Argument(show_default=False, metavar="FACTORS...")],
+    output: Out,
+    eigh: Annotated[
+        bool,
+        typer.Option(
+            "--eigh", help="Also write each factor's eigenvalues and eigenvectors (float64 maths)."
+        ),
+    ] = False,
+    force: Force = False,
+    quiet: Quiet = False,
+    as_json: JsonOut = False,
+    debug: Debug = False,
+) -> None:
+    """Combine factors files made from disjoint data into the file one run over all of it gives.
+
+    A (and G of a mean loss) are averages over samples: they are combined weighted by each
+    file's N; G of a sum loss is a plain sum; counts add up. The files must come from the
+    same model, approximation, conventions and dtype, and no input may be given twice.
+
+    \b
+    Examples:
+        $ kfac-cli merge part-*.safetensors -o factors.safetensors
+        $ kfac-cli merge part-*.safetensors -o factors.safetensors --eigh --json
+    """
+    _check_stdout(output, as_json)
+
+    def make(reporter):
+        from kfac_cli.jobs.factors import run_merge
+
+        return run_merge(factor_files, output, eigh=eigh, force=force, reporter=reporter)
+
+    _run_job("merge", debug, quiet, as_json, make)
 
 
 MULTI_VALUE_OPTIONS = ("--grads",)

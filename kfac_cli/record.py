@@ -133,6 +133,9 @@ def record(
     fisher_type: str = FisherType.MC,
     mc_samples: int = 1,
     seed: int = 2147483647,
+    generator: torch.Generator | None = None,
+    start: int = 0,
+    run: str | None = None,
     modules: Iterable[str] | None = None,
     force: bool = False,
 ) -> list[tuple[Path, Path | None]]:
@@ -146,7 +149,16 @@ def record(
         folder: Where the dumps go (created if missing).
         fisher_type: ``type-2``, ``mc``, ``empirical`` or ``forward-only``.
         mc_samples: Labels sampled per datum (``mc`` only).
-        seed: Seed of the label sampler (curvlinops' default).
+        seed: Seed of the label sampler (curvlinops' default), when no ``generator`` is
+            given.
+        generator: The label sampler itself (``mc``), used as it is: pass the same one to
+            calls that record consecutive shards, or one restored with ``set_state`` from
+            the state the last shard left (``generator.get_state()``) in another process,
+            and the labels are those of one call over all batches.
+        start: The index of the first batch: dumps are named ``acts-{start+i:05d}`` and
+            record ``batch_index`` (consecutive shards: the number of batches before them).
+        run: A name for the whole recording, written into every dump as ``run`` (give
+            shards of one run the same name); default: a fresh random one per call.
         modules: Only these module names (default: every such module). A module that
             computes its weight inside ``forward`` (BiT's weight standardisation) looks like
             a layer from outside: pass the names ``kfac-cli layers`` treats to leave it out,
@@ -171,25 +183,39 @@ def record(
         )
     if fisher is not FisherType.MC and mc_samples != 1:
         raise KfacError(None, "mc_samples", "1 unless the Fisher type is mc", str(mc_samples))
+    reduction = getattr(loss_func, "reduction", None)
+    if reduction not in ("mean", "sum"):
+        raise KfacError(
+            None,
+            "loss_func.reduction",
+            "'mean' or 'sum' (KFAC scales G by how the loss combined its terms)",
+            repr(reduction),
+        )
+    if start < 0:
+        raise KfacError(None, "start", "a batch index >= 0", str(start))
+    if run is None:
+        import uuid
+
+        run = uuid.uuid4().hex
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     recorder = _Recorder(model, modules)
     params = [p for p in model.parameters() if p.requires_grad]
-    generator: torch.Generator | None = None
     written: list[tuple[Path, Path | None]] = []
     terms_seen: int | None = None
     try:
-        for index, (x, y) in enumerate(data):
+        for index, (x, y) in enumerate(data, start):
             recorder.reset()
             backward = fisher is not FisherType.FORWARD_ONLY
             with torch.set_grad_enabled(backward):
                 output = model(**x) if isinstance(x, Mapping) else model(x)
             batch = next(iter(x.values())).shape[0] if isinstance(x, Mapping) else x.shape[0]
+            provenance = {"run": run, "batch_index": str(index)}
             acts = folder / f"acts-{index:05d}.safetensors"
             _write(
                 acts,
                 recorder.inputs,
-                {"format": ACTIVATIONS_FORMAT, "batch_size": str(batch)},
+                {"format": ACTIVATIONS_FORMAT, "batch_size": str(batch), **provenance},
                 force,
             )
             if not backward:
@@ -223,6 +249,7 @@ def record(
                 "mc_samples": str(mc_samples),
                 "loss": type(loss_func).__name__,
                 "batch_size": str(batch),
+                **provenance,
             }
             path = folder / f"grads-{index:05d}.safetensors"
             _write(path, grads, meta, force)

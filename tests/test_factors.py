@@ -394,8 +394,7 @@ def test_merged_halves_equal_one_run_and_order_does_not_matter(shards, tmp_path)
     _factors(pt2, acts[1:], grads[1:], tmp_path / "h2.safetensors")
     assert (
         invoke(
-            "factors",
-            "--merge",
+            "merge",
             tmp_path / "h1.safetensors",
             tmp_path / "h2.safetensors",
             "-o",
@@ -554,11 +553,11 @@ def test_zero_samples_nan_and_mixed_models(shards, tmp_path):
     _factors(pt2, acts[:1], grads[:1], a)
     b = tmp_path / "b.safetensors"
     _factors(pt2, acts[1:2], None, b, "--layer", "0")
-    proc = invoke("factors", "--merge", a, b, "-o", out)
+    proc = invoke("merge", a, b, "-o", out)
     assert proc.returncode == 1 and not out.exists()
     c = tmp_path / "c.safetensors"
     _factors(pt2, acts[1:2], grads[1:2], c, "--approx", "reduce")
-    proc = invoke("factors", "--merge", a, c, "-o", out)
+    proc = invoke("merge", a, c, "-o", out)
     assert proc.returncode == 1 and b"approx" in proc.stderr
 
 

@@ -57,7 +57,7 @@ def _roles(f):
         "inverse": (["canonicalize", "--inverse", "{}"], f["canonical"]),
         "factors-acts": (["factors", f["pt2"], "{}", "--grads", f["grads"]], f["acts"]),
         "factors-grads": (["factors", f["pt2"], f["acts"], "--grads", "{}"], f["grads"]),
-        "merge": (["factors", "--merge", f["factors"], "{}"], f["factors"]),
+        "merge": (["merge", f["factors"], "{}"], f["factors"]),
     }
 
 

@@ -30,8 +30,7 @@ from torch import Tensor
 
 from kfac_cli.errors import KfacError
 from kfac_cli.files.inputs import open_readable, read_exactly, sniff
-
-MAX_HEADER_BYTES = 100 * 2**20  # the official library's own limit
+from kfac_cli.files.kinds import MAX_HEADER_BYTES
 
 DTYPES: dict[str, torch.dtype] = {
     "F64": torch.float64,

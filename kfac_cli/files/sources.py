@@ -24,6 +24,8 @@ from torch import Tensor
 
 from kfac_cli.errors import KfacError
 from kfac_cli.files.inputs import display_name, open_input, open_readable
+from kfac_cli.files.kinds import TORCH_SAVE_SUFFIXES as SUFFIXES
+from kfac_cli.files.kinds import identify, require, require_format
 from kfac_cli.files.safetensors import (
     DTYPE_NAMES,
     MAX_HEADER_BYTES,
@@ -32,7 +34,7 @@ from kfac_cli.files.safetensors import (
     _no_duplicates,
 )
 from kfac_cli.files.stream import StreamSource
-from kfac_cli.files.torch_save import SUFFIXES, load_weights_only
+from kfac_cli.files.torch_save import load_weights_only
 
 
 class Tensors(Protocol):
@@ -199,12 +201,29 @@ class DictSource(RandomAccess):
         self._tensors = {}
 
 
-def open_tensors(path: Path | str, stream_ok: bool = True) -> Tensors:
+def open_tensors(path: Path | str, stream_ok: bool = True, role: str | None = None) -> Tensors:
     """The tensors of a safetensors file, a sharded set, a weights-only ``.pt`` file, or
-    (with ``stream_ok``) a safetensors stream: ``-`` or a named pipe."""
+    (with ``stream_ok``) a safetensors stream: ``-`` or a named pipe.
+
+    Args:
+        path: The file, or ``-``.
+        stream_ok: Whether a stream may be read.
+        role: What the command takes the file for (a key of
+            :data:`~kfac_cli.files.kinds.ROLES`): a file of another kind is refused, saying
+            what it is (:func:`~kfac_cli.files.kinds.require`).
+    """
     if display_name(path) != str(path) or Path(str(path)).is_fifo():
         fh, _ = open_input(path, stream_ok=stream_ok)
-        return StreamSource(fh, display_name(path))
+        src: Tensors = StreamSource(fh, display_name(path))
+        if role is not None:
+            try:
+                require_format(src.path, src.metadata, role)
+            except BaseException:
+                src.close()
+                raise
+        return src
+    if role is not None:
+        require(path, identify(path), role)
     if Path(path).suffix.lower() in SUFFIXES:
         return DictSource(path)
     return TensorSource(path)

@@ -14,7 +14,6 @@ import torch
 from kfac_cli.errors import KfacError
 from kfac_cli.files.inputs import open_readable, sniff
 
-SUFFIXES = (".pt", ".pth", ".bin", ".ckpt")
 PICKLE_HINT = (
     "unpickling runs code chosen by whoever wrote the file; re-save it as a state dict "
     "(torch.save(model.state_dict())) or a torch.export archive"

@@ -152,7 +152,7 @@ def run_canonicalize(
     job = Job("canonicalize", out, force=force, dtype=dtype, reporter=reporter)
     table = load_layer_table(model, spec, unsafe_pickle)
     lead, trail = int(batch_first), int(columns)
-    with open_tensors(tensors) as src:
+    with open_tensors(tensors, role="tensors") as src:
         blocks, missing = plan_blocks(
             table,
             list(src.infos),
@@ -357,7 +357,7 @@ def run_uncanonicalize(
             whose parameters are not the model's.
     """
     job = Job("canonicalize --inverse", out, force=force, dtype=dtype, reporter=reporter)
-    with open_tensors(canonical) as src:
+    with open_tensors(canonical, role="canonical") as src:
         opts, blocks, info = _canonical_meta(src.path, src.metadata)
         shapes, dtypes = info["shapes"], info["dtypes"]
         if model is not None:

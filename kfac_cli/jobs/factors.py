@@ -196,7 +196,7 @@ def run_factors(
     mc_samples: int | None = None,
     separate_bias: bool = False,
     eigh: bool = False,
-    dtype: str = "float32",
+    dtype: str | None = None,
     device: str = "cpu",
     patterns: list[str] | None = None,
     ignore_unknown: bool = False,
@@ -219,7 +219,9 @@ def run_factors(
             gradient files do not record (options that contradict them are errors).
         separate_bias: No ones column in ``A`` (weight and bias as separate blocks).
         eigh: Also write each factor's eigendecomposition (computed in float64).
-        dtype: Accumulation and output dtype.
+        dtype: Accumulation and output dtype, ``float32`` or ``float64`` (default: float64
+            if the selected layers' dumps are, else float32: float16 and bfloat16 dumps
+            accumulate in float32).
         device: Compute device.
         patterns: Only layers matching these globs.
         ignore_unknown: Skip dump keys that name no layer KFAC treats.
@@ -236,7 +238,7 @@ def run_factors(
     Raises:
         KfacError: For bad inputs (nothing is written).
     """
-    if dtype not in ("float32", "float64"):
+    if dtype not in (None, "float32", "float64"):
         raise KfacError(None, "dtype", "float32 or float64 to accumulate factors in", dtype)
     ranks = ranks_from_env(resolve_device(device), timeout)
     if ranks.world > 1 and device in ("cuda", "auto") and resolve_device(device).type == "cuda":
@@ -274,17 +276,20 @@ def run_factors(
 
 
 def _open_all(paths: list[Path | str], role: str) -> list[Tensors]:
+    """Open every file for ``role`` (see :func:`open_tensors`); at most one stream."""
     sources: list[Tensors] = []
     try:
         for path in paths:
-            sources.append(open_tensors(path))
+            sources.append(open_tensors(path, role=role))
     except BaseException:
         for src in sources:
             src.close()
         raise
     streams = [s.path for s in sources if s.sequential]
     if len(streams) > 1:
-        raise KfacError(streams[1], None, f"at most one {role} stream", f"{len(streams)}")
+        for src in sources:
+            src.close()
+        raise KfacError(streams[1], None, "at most one input stream", f"{len(streams)}")
     return sources
 
 
@@ -329,10 +334,10 @@ def _run(
             f"{len(activations)} gradient dumps, one per activation dump",
             str(len(grads)),
         )
-    acts = _open_all(activations, "input")
+    acts = _open_all(activations, "activations")
     grad_srcs: list[Tensors] = []
     try:
-        grad_srcs = _open_all(grads, "input")
+        grad_srcs = _open_all(grads, "grads")
         if sum(s.sequential for s in acts + grad_srcs) > 1:
             raise KfacError("-", None, "at most one input stream", "more")
         conv = conventions(grad_srcs, fisher_type, loss_reduction, terms, mc_samples)
@@ -342,11 +347,22 @@ def _run(
         n = sum(batches)
         if n == 0:
             raise KfacError(acts[0].path, None, "at least one sample", "0")
+        if job.cast is None:  # the dumps' own precision, never narrower than float32
+            wide = any(
+                s.infos[k].dtype == torch.float64 for s in acts for w in works for k in w.keys
+            )
+            job.cast = torch.float64 if wide else torch.float32
+        dtype = str(job.cast).removeprefix("torch.")
+        forward_only = conv.fisher_type is FisherType.FORWARD_ONLY
+        if forward_only and not fisher_type:
+            job.reporter.note(
+                "no output-gradient dumps given: writing forward-only factors (A only; G is "
+                "the identity)"
+            )
         stream = next((s for s in acts + grad_srcs if s.sequential), None)
         if stream is not None:
             first = {w.layer.name: min(stream.infos[k].begin for k in w.keys) for w in works}
             works.sort(key=lambda w: first[w.layer.name])
-        forward_only = conv.fisher_type is FisherType.FORWARD_ONLY
         plans = _plans(works, job.cast, forward_only, eigh)
         metadata = factors_header(
             job,
@@ -391,6 +407,8 @@ def _run(
         items="factors",
         num_data=n,
         **conv.to_json(),
+        forward_only=forward_only,
+        dtype=dtype,
         **(extra if ranks.world > 1 else {}),
     )
 
@@ -449,7 +467,7 @@ def _plan(table, acts, grads, model, patterns, ignore_unknown, separate_bias, ap
         layer = table.layer(key)
         for src in acts:
             info = src.infos[key]
-            check_input(key, layer, info.shape, info.dtype, src.path, model)
+            check_input(key, layer, info.shape, job.cast or info.dtype, src.path, model)
         bias = layer.bias is not None and not separate_bias
         d = math.prod(layer.weight_shape[1:]) + bias
         work = works.setdefault(layer.name, Work(layer, [], d, layer.weight_shape[0]))
@@ -459,10 +477,11 @@ def _plan(table, acts, grads, model, patterns, ignore_unknown, separate_bias, ap
             o = locations(shape, layer.conv)
             work.rows += shape[0] * (1 if approx is KFACType.REDUCE else o)
     for src, act, batch in zip(grads, acts, batches):
-        if set(src.infos) != first:
-            odd = sorted(set(src.infos) ^ first)[0]
+        if set(src.infos) != set(act.infos):  # the same layers, whatever was selected
+            odd = sorted(set(src.infos) ^ set(act.infos))[0]
             found = "a tensor the activations lack" if odd in src.infos else "no such tensor"
             raise KfacError(src.path, odd, f"the layers of {act.path}", found)
+        src.expect(first)
         recorded = src.metadata.get("batch_size")
         if recorded is not None and recorded != str(batch):
             raise KfacError(
@@ -770,7 +789,7 @@ def run_merge(
         KfacError: For files of different models, approximations or conventions.
     """
     job = Job("factors --merge", out, force=force, reporter=reporter)
-    sources = _open_all(inputs, "factor")
+    sources = _open_all(inputs, "factors")
     try:
         metas = [_factor_meta(src) for src in sources]
         first = metas[0]

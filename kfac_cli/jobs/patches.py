@@ -75,7 +75,7 @@ def run_patches(
     job = Job("patches", out, force=force, device=device, dtype=dtype, reporter=reporter)
     approx = KFACType(approx)
     table = load_layer_table(model, spec, unsafe_pickle)
-    with open_tensors(activations) as src:
+    with open_tensors(activations, role="activations") as src:
         keys = select_keys(table, src, model, patterns, ignore_unknown, job.reporter)
         plans = [
             _plan(key, table.layer(key), src, model, approx, bias_column, job.cast) for key in keys

@@ -39,6 +39,7 @@ class Reporter:
     start: Callable[[int], None] = lambda total_bytes: None
     advance: Callable[[str, int], None] = lambda key, nbytes: None
     warn: Callable[[str], None] = lambda message: None
+    note: Callable[[str], None] = lambda message: None  # what the run does that was not asked
 
 
 @dataclass

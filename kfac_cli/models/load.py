@@ -18,9 +18,9 @@ from pathlib import Path
 
 from kfac_cli.errors import KfacError
 from kfac_cli.files.inputs import is_stdin, open_readable
-from kfac_cli.files.torch_save import SUFFIXES
+from kfac_cli.files.kinds import TORCH_SAVE_SUFFIXES as SUFFIXES
+from kfac_cli.files.kinds import identify, require
 from kfac_cli.models.pt2 import layer_table_from_pt2
-from kfac_cli.models.state_dict import Entry, layers_from_state_dict, merge_spec, read_entries
 from kfac_cli.models.table import LayerTable
 
 MAX_SPEC_BYTES = 64 * 2**20
@@ -58,9 +58,12 @@ def load_layer_table(
         raise KfacError("stdin", None, "a model file with random access", "a stream")
     path = Path(path)
     suffix = path.suffix.lower()
+    require(path, identify(path), "model")
     if suffix == ".pt2":
         table = layer_table_from_pt2(path)
     elif suffix in (".safetensors", ".json") or (suffix in SUFFIXES and not unsafe_pickle):
+        from kfac_cli.models.state_dict import layers_from_state_dict, merge_spec, read_entries
+
         entries = read_entries(path)
         if spec is not None:
             return merge_spec(entries, read_spec(Path(spec)), path, spec)
@@ -79,6 +82,8 @@ def load_layer_table(
         )
     if spec is not None:
         import torch
+
+        from kfac_cli.models.state_dict import Entry, merge_spec
 
         entries = {n: Entry(s, torch.float32) for n, s in table.parameters.items()}
         return merge_spec(entries, read_spec(Path(spec)), path, spec)

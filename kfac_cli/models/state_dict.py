@@ -18,8 +18,9 @@ from pathlib import Path
 import torch
 
 from kfac_cli.errors import KfacError
+from kfac_cli.files.kinds import TORCH_SAVE_SUFFIXES as SUFFIXES
 from kfac_cli.files.sources import open_tensors
-from kfac_cli.files.torch_save import SUFFIXES, load_weights_only
+from kfac_cli.files.torch_save import load_weights_only
 from kfac_cli.models.table import KINDS, Layer, LayerTable, layer_name
 
 BATCHNORM_BUFFERS = ("running_mean", "running_var", "num_batches_tracked")
