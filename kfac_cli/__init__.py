@@ -69,5 +69,9 @@ __all__ = [  # noqa: RUF022 (grouped as above, not sorted)
 
 def __getattr__(name: str):
     if name in _API:
-        return getattr(importlib.import_module(_API[name]), name)
+        value = getattr(importlib.import_module(_API[name]), name)
+        # Kept as the package's attribute: importing kfac_cli.record set the submodule
+        # there, and ``from kfac_cli import record`` means the function.
+        globals()[name] = value
+        return value
     raise AttributeError(f"module 'kfac_cli' has no attribute {name!r}")

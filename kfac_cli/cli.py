@@ -414,7 +414,10 @@ def _print_table(table) -> None:
     import shutil
 
     width = shutil.get_terminal_size((100, 24)).columns if sys.stdout.isatty() else 100
-    lines = [escape(f"{table.source}: {len(table.layers)} layer(s) treated by KFAC"), ""]
+    import textwrap
+
+    title = escape(f"{table.source}: {len(table.layers)} layer(s) treated by KFAC")
+    lines = [*textwrap.wrap(title, width, break_long_words=False, break_on_hyphens=False), ""]
     lines += _table_text(_layer_rows(table), width)
     notes = []
     for la in table.layers:
@@ -846,6 +849,72 @@ def factors(
         )
 
     _run_job("factors", debug, quiet, as_json, make)
+
+
+@app.command(epilog=EPILOG)
+def info(
+    files: Annotated[list[str], typer.Argument(show_default=False, metavar="FILE...")],
+    as_json: JsonOut = False,
+    debug: Debug = False,
+) -> None:
+    """Show what each FILE is and holds, from its header alone.
+
+    FILE is any safetensors file (a kfac-cli output, a dump, a state dict), a sharded set
+    (*.index.json), a stream ('-') or a .pt2 archive. Shown: its kind and format version,
+    the metadata decoded (conventions, num_data, the inputs by fingerprint; for factors
+    files each layer and its blocks), each tensor's name, dtype, shape and bytes, and
+    totals. No tensor data is read and torch is not imported.
+
+    \b
+    Examples:
+        $ kfac-cli info factors.safetensors
+        $ kfac-cli info acts-*.safetensors --json | jq '.files[].metadata.batch_size'
+        $ zstd -dc acts.safetensors.zst | kfac-cli info -
+    """
+
+    def job():
+        from kfac_cli.jobs.info import run_info
+
+        summary = run_info(files)
+        _emit_json(summary) if as_json else _emit(_info_text(summary))
+
+    _run(debug, job, "info")
+
+
+def _info_text(summary: dict) -> str:
+    """``kfac-cli info`` for people: per file its kind, metadata and tensors."""
+    lines = []
+    for f in summary["files"]:
+        version = f" (layout version {f['layout_version']})" if f["layout_version"] else ""
+        lines.append(
+            f"{f['file']}: {f['kind']}{version}, {f['tensor_count']} tensor(s), "
+            f"{f['tensor_bytes']} bytes"
+        )
+        shown = {k: v for k, v in f["metadata"].items() if k != "layers"}
+        if shown:
+            lines.append("  metadata:")
+        for key, value in shown.items():
+            text = value if isinstance(value, str) else json.dumps(value, separators=(",", ":"))
+            if len(text) > 100 and not isinstance(value, str):
+                text = f"({len(value)} entries; see --json)"
+            lines.append(f"    {key}: {text}")
+        if "layers" in f and isinstance(f["layers"], dict):
+            lines.append(f"  layers ({len(f['layers'])}):")
+            for name, la in f["layers"].items():
+                blocks = ", ".join(str(b.get("key")) for b in la.get("blocks") or [])
+                lines.append(
+                    f"    {name}: {la.get('kind')}, D {la.get('D')}, C_out {la.get('C_out')}, "
+                    f"blocks {blocks}"
+                )
+        elif "layers" in f:
+            lines.append(f"  layers: {', '.join(f['layers'])}")
+        lines.append("  tensors:")
+        for t in f["tensors"]:
+            dtype = t["dtype"] or "-"
+            size = "" if t["bytes"] is None else f"  {t['bytes']} bytes"
+            lines.append(f"    {t['name']}  {dtype}  {t['shape']}{size}")
+    lines.append(f"total: {summary['tensor_count']} tensor(s), {summary['tensor_bytes']} bytes")
+    return "".join(escape(line).rstrip() + "\n" for line in lines)
 
 
 @app.command(epilog=EPILOG)

@@ -36,7 +36,10 @@ def files(tmp_path_factory):
     run_cli("canonicalize", pt2, params, "-o", canonical, check=True)
     factors = folder / "factors.safetensors"
     run_cli("factors", pt2, pairs[0][0], "--grads", pairs[0][1], "-o", factors, check=True)
+    factors2 = folder / "factors2.safetensors"
+    run_cli("factors", pt2, pairs[1][0], "--grads", pairs[1][1], "-o", factors2, check=True)
     return {
+        "factors2": factors2,
         "pt2": pt2,
         "acts": pairs[0][0],
         "grads": pairs[0][1],
@@ -57,7 +60,7 @@ def _roles(f):
         "inverse": (["canonicalize", "--inverse", "{}"], f["canonical"]),
         "factors-acts": (["factors", f["pt2"], "{}", "--grads", f["grads"]], f["acts"]),
         "factors-grads": (["factors", f["pt2"], f["acts"], "--grads", "{}"], f["grads"]),
-        "merge": (["merge", f["factors"], "{}"], f["factors"]),
+        "merge": (["merge", f["factors2"], "{}"], f["factors"]),
     }
 
 

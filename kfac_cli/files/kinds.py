@@ -94,8 +94,8 @@ def _safetensors_kind(fh, size: int, head: bytes) -> Kind | None:
         return None
     try:
         header = json.loads(raw)
-    except (UnicodeDecodeError, ValueError):
-        return None
+    except (UnicodeDecodeError, ValueError, RecursionError):
+        return None  # its reader says what is wrong
     if not isinstance(header, dict):
         return None
     meta = header.get("__metadata__")
@@ -119,7 +119,7 @@ def _json_kind(path: Path, size: int) -> Kind:
         return Kind("json")
     try:
         data = json.loads(path.read_bytes())
-    except (UnicodeDecodeError, ValueError, OSError):
+    except (UnicodeDecodeError, ValueError, RecursionError, OSError):
         return Kind("unknown")
     if isinstance(data, dict) and isinstance(data.get("weight_map"), dict):
         return Kind("index")

@@ -6,7 +6,9 @@ temporary file is removed. An existing target is replaced (atomically) only with
 the meantime. The file gets the mode any new file gets (``0666`` less the umask), or the
 mode of the file it replaces.
 
-``-`` writes to stdout instead: a reader that goes away (a broken pipe, ``| head``) raises
+``-`` writes to stdout instead, once the file is complete (it is spooled to an unlinked
+temporary file first: its header, which records the inputs' fingerprints, is known only
+after the last input byte): a reader that goes away (a broken pipe, ``| head``) raises
 :class:`~kfac_cli.errors.OutputClosed`, any other failed write a :class:`KfacError` that
 names stdout.
 """
@@ -66,8 +68,13 @@ class StdoutWriter:
         self._out = sys.stdout.buffer
 
     def write(self, data) -> int:
+        """Write all of ``data`` (a pipe whose reader went away mid-write takes part of it:
+        the rest is written again, and then fails)."""
+        view = memoryview(data).cast("B")
         try:
-            return self._out.write(data)
+            while view:
+                view = view[self._out.write(view) :]
+            return len(data)
         except BrokenPipeError:
             raise OutputClosed from None
         except OSError as e:
@@ -105,6 +112,13 @@ class FileWriter:
 
     def fileno(self) -> int:
         return self._fd
+
+    def rewrite(self, offset: int, data: bytes) -> None:
+        """Replace bytes already written at ``offset`` (a header filled in at the end)."""
+        self._fh.flush()
+        view = memoryview(data)
+        while view:
+            view = view[os.pwrite(self._fd, view, offset + len(data) - len(view)) :]
 
 
 WRITEBACK_BYTES = 64 * 2**20
@@ -145,10 +159,15 @@ def atomic_output(target: str | Path, force: bool = False) -> Iterator[BinaryIO]
             permission denied, folder gone).
         OutputClosed: If ``target`` is ``-`` and the reader of stdout went away.
     """
-    if str(target) == STDOUT:
-        out = StdoutWriter()
-        yield out  # type: ignore[misc]
-        out.flush()
+    if str(target) == STDOUT:  # spooled: the header is complete only at the end
+        with tempfile.TemporaryFile(prefix="kfac-cli-stdout-") as spool:
+            yield FileWriter(spool)  # type: ignore[misc]
+            spool.flush()
+            spool.seek(0)
+            out = StdoutWriter()
+            while chunk := spool.read(WRITEBACK_BYTES // 8):
+                out.write(chunk)
+            out.flush()
         return
     path = Path(target)
     check_target(path, force)

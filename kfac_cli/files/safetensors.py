@@ -29,6 +29,7 @@ import torch
 from torch import Tensor
 
 from kfac_cli.errors import KfacError
+from kfac_cli.files.digest import TensorDigests
 from kfac_cli.files.inputs import open_readable, read_exactly, sniff
 from kfac_cli.files.kinds import MAX_HEADER_BYTES
 
@@ -199,12 +200,31 @@ class SafetensorsFile:
         except BaseException:
             self._fh.close()
             raise
+        self._digests = TensorDigests({k: i.nbytes for k, i in self.infos.items()})
 
     def read(
         self, name: str, out: Tensor | None = None, rows: tuple[int, int, int] | None = None
     ) -> Tensor:
-        """Read one tensor (or some of its rows, see :func:`read_into`) into CPU memory."""
-        return read_into(self._fh, self.infos[name], out, rows)
+        """Read one tensor (or some of its rows, see :func:`read_into`) into CPU memory;
+        bytes that continue the tensor's hash extend it (see :mod:`.digest`)."""
+        info = self.infos[name]
+        t = read_into(self._fh, info, out, rows)
+        self._digests.update(name, row_range(info, rows)[1] - info.begin, tensor_bytes(t))
+        return t
+
+    def digest(self, name: str) -> str:
+        """The ``sha256`` of one tensor's bytes (reading what was not read in order)."""
+        info = self.infos[name]
+
+        def read(offset: int, view: memoryview) -> None:
+            done = 0
+            while done < len(view):
+                got = os.preadv(self._fh.fileno(), [view[done:]], info.begin + offset + done)
+                if not got:
+                    raise KfacError(self.path, name, f"{info.nbytes} bytes", "the file shrank")
+                done += got
+
+        return self._digests.hexdigest(name, read)
 
     def read_rows_into(self, name: str, rows: tuple[int, int, int], dst: Tensor) -> None:
         """Rows of one tensor straight into ``dst`` (see :func:`read_rows_into`)."""

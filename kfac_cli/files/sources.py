@@ -23,6 +23,7 @@ from typing import Protocol
 from torch import Tensor
 
 from kfac_cli.errors import KfacError
+from kfac_cli.files.digest import fingerprint_of
 from kfac_cli.files.inputs import display_name, open_input, open_readable
 from kfac_cli.files.kinds import TORCH_SAVE_SUFFIXES as SUFFIXES
 from kfac_cli.files.kinds import identify, require, require_format
@@ -32,6 +33,7 @@ from kfac_cli.files.safetensors import (
     SafetensorsFile,
     TensorInfo,
     _no_duplicates,
+    tensor_bytes,
 )
 from kfac_cli.files.stream import StreamSource
 from kfac_cli.files.torch_save import load_weights_only
@@ -50,6 +52,8 @@ class Tensors(Protocol):
     ) -> Tensor: ...
 
     def read_rows_into(self, name: str, rows: tuple[int, int, int], dst: Tensor) -> None: ...
+
+    def digest(self, name: str) -> str: ...
 
     def order(self, keys: Iterable[str]) -> list[str]: ...
 
@@ -166,6 +170,9 @@ class TensorSource(RandomAccess):
         """Rows of one tensor straight into ``dst`` (see :func:`read_rows_into`)."""
         self._file_of[name].read_rows_into(name, rows, dst)
 
+    def digest(self, name: str) -> str:
+        return self._file_of[name].digest(name)
+
     def close(self) -> None:
         for f in self.files:
             f.close()
@@ -196,6 +203,10 @@ class DictSource(RandomAccess):
 
     def read_rows_into(self, name: str, rows: tuple[int, int, int], dst: Tensor) -> None:
         dst.copy_(self.read(name, rows=rows))
+
+    def digest(self, name: str) -> str:
+        t = self._tensors[name].contiguous()  # kept alive while its bytes are hashed
+        return hashlib.sha256(tensor_bytes(t)).hexdigest()
 
     def close(self) -> None:
         self._tensors = {}
@@ -230,12 +241,11 @@ def open_tensors(path: Path | str, stream_ok: bool = True, role: str | None = No
 
 
 def fingerprint(src: Tensors) -> str:
-    """``sha256:<hex>`` of what a tensor file declares: its metadata and each tensor's name,
-    dtype and shape. The same for a file, a stream of it, or a sharded set of the same
-    tensors, so an output records what it was made from, not how it was fed."""
-    desc = {
-        "metadata": src.metadata,
-        "tensors": {k: [DTYPE_NAMES[i.dtype], list(i.shape)] for k, i in sorted(src.infos.items())},
-    }
-    raw = json.dumps(desc, sort_keys=True, separators=(",", ":")).encode()
-    return f"sha256:{hashlib.sha256(raw).hexdigest()}"
+    """``sha256:<hex>`` that identifies a tensor file's data (see :mod:`.digest`): its
+    metadata and each tensor's name, dtype, shape and bytes. The same for a file, a stream
+    of it, or a sharded set of the same tensors. Bytes a job did not read in order are read
+    now (a stream: ask once it has been read to its end)."""
+    return fingerprint_of(
+        src.metadata,
+        {k: (DTYPE_NAMES[i.dtype], list(i.shape), src.digest(k)) for k, i in src.infos.items()},
+    )

@@ -22,6 +22,7 @@ import torch
 from torch import Tensor
 
 from kfac_cli.errors import KfacError
+from kfac_cli.files.digest import TensorDigests
 from kfac_cli.files.inputs import read_exactly
 from kfac_cli.files.safetensors import read_header, row_range, tensor_bytes
 
@@ -57,6 +58,7 @@ class StreamSource:
         self._spill: BinaryIO | None = None
         self._segments: list[tuple[int, int, int]] = []  # (begin, end, spill offset)
         self._lock = threading.Lock()
+        self._digests = TensorDigests({k: i.nbytes for k, i in self.infos.items()})
 
     def order(self, keys: Iterable[str]) -> list[str]:
         """``keys`` in the order their bytes arrive."""
@@ -97,6 +99,11 @@ class StreamSource:
                     self.path, None, f"the data to end at byte {self._end}", "more bytes"
                 )
 
+    def digest(self, name: str) -> str:
+        """The ``sha256`` of one tensor's bytes, every one of which was hashed as it
+        arrived (after :meth:`finish`)."""
+        return self._digests.hexdigest(name, None)
+
     def close(self) -> None:
         self._fh.close()
         if self._spill is not None:
@@ -121,6 +128,7 @@ class StreamSource:
                 self._pos += got
                 if got < len(view):
                     self._ended(name)
+                self._digests.update(name, begin - self.infos[name].begin, view)
                 return
             for seg_begin, seg_end, offset in self._segments:
                 if seg_begin <= begin and begin + len(view) <= seg_end:
@@ -142,6 +150,7 @@ class StreamSource:
             got = read_exactly(self._fh, part)
             if got < len(part):
                 self._ended(key)
+            self._digests.update(key, self._pos - self.infos[key].begin, part)
             if key in self._expected:
                 self._keep(self._pos, part)
             self._pos = stop

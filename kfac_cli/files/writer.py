@@ -63,7 +63,20 @@ class SafetensorsWriter:
         self._current: tuple[str, torch.dtype, tuple[int, ...]] | None = None
         self._left = 0
         self.bytes_written = 0
-        self._write(safetensors_header(entries, metadata))
+        self._entries = entries
+        self._header = safetensors_header(entries, metadata)
+        self._write(self._header)
+
+    def finish_header(self, metadata: dict[str, str]) -> None:
+        """Rewrite the header with the final ``metadata`` (values known only at the end,
+        such as the inputs' fingerprints), which must encode to the same length (a
+        fingerprint replaces its placeholder of equal length). Needs a seekable output."""
+        header = safetensors_header(self._entries, metadata)
+        if len(header) != len(self._header):
+            raise RuntimeError("the final metadata changed the header's length")
+        if header != self._header:
+            self._fh.rewrite(0, header)  # type: ignore[attr-defined]
+            self._header = header
 
     def _write(self, data: memoryview | bytes) -> None:
         self._fh.write(data)

@@ -19,10 +19,11 @@ from pathlib import Path
 import torch
 
 from kfac_cli.errors import KfacError
+from kfac_cli.files.digest import PENDING
 from kfac_cli.files.safetensors import DTYPE_NAMES, DTYPES
-from kfac_cli.files.sources import Tensors, fingerprint, open_tensors
+from kfac_cli.files.sources import Tensors, open_tensors
 from kfac_cli.jobs.pipeline import BufferPool, Prefetcher, view
-from kfac_cli.jobs.skeleton import CPU, Job, Plan, Reporter, chunks, near, order
+from kfac_cli.jobs.skeleton import CPU, Job, Plan, Reporter, chunks, model_ref, near, order, sealed
 from kfac_cli.models.load import load_layer_table
 from kfac_cli.models.state_dict import BATCHNORM_BUFFERS
 from kfac_cli.models.table import LayerTable, matches
@@ -180,8 +181,8 @@ def run_canonicalize(
             layout=layout,
             columns=columns,
             batch_first=batch_first,
-            model=str(model),
-            tensors=fingerprint(src),
+            model=model_ref(model),
+            tensors=PENDING,
             blocks=[p.meta for p in plans],
             parameters=[
                 {"name": n, "shape": list(shapes[n]), "dtype": DTYPE_NAMES[src.infos[n].dtype]}
@@ -220,7 +221,9 @@ def run_canonicalize(
                 put(plan.key, block, None, lambda buf=buf: pool.put(buf))
 
         try:
-            written = job.write(ordered, metadata, produce, before_commit=src.finish)
+            written = job.write(
+                ordered, metadata, produce, before_commit=sealed(metadata, "tensors", src)
+            )
         finally:
             prefetch.close()
     return job.summary(plans, written, missing=missing)
@@ -404,7 +407,7 @@ def run_uncanonicalize(
             "kfac-cli/parameters",
             columns=opts["columns"],
             batch_first=opts["batch_first"],
-            canonical=fingerprint(src),
+            canonical=PENDING,
         )
         group_of = {n: (k, g) for k, g in blocks for n in g.names}
         if src.sequential:  # block by block as they arrive, weight before bias
@@ -470,7 +473,9 @@ def run_uncanonicalize(
                 put(plan.key, part.to(plan.dtype).contiguous(), None, release)
 
         try:
-            written = job.write(ordered, metadata, produce, before_commit=src.finish)
+            written = job.write(
+                ordered, metadata, produce, before_commit=sealed(metadata, "canonical", src)
+            )
         finally:
             prefetch.close()
     return job.summary(plans, written)

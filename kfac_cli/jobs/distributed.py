@@ -81,6 +81,11 @@ class Ranks:
     def agree(self) -> None:
         """Wait until every rank has finished its share (before the writer commits)."""
 
+    def gather_strings(self, name: str, mine: dict[int, str], count: int) -> list[str] | None:
+        """Strings ``0..count-1``, each given by one rank (``mine``), on the writer (in
+        index order); ``None`` on the other ranks."""
+        return [mine[i] for i in range(count)]
+
     def publish(self) -> None:
         """On the writer, after the output is in place: tell the others it worked."""
 
@@ -237,6 +242,14 @@ class TorchrunRanks(Ranks):
         start = time.perf_counter()
         self._wait_all("done")
         self.waited += time.perf_counter() - start
+
+    def gather_strings(self, name: str, mine: dict[int, str], count: int) -> list[str] | None:
+        for i, value in mine.items():
+            self._ask(self.store.set, f"{name}/{i}", value)
+        self._wait_all(f"{name}-set")
+        if not self.writer:
+            return None
+        return [self._ask(self.store.get, f"{name}/{i}").decode() for i in range(count)]
 
     def publish(self) -> None:
         self._ask(self.store.set, "written", "1")

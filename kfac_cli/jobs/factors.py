@@ -18,12 +18,13 @@ import torch
 
 from kfac_cli.enums import FisherType, KFACType, LossReduction
 from kfac_cli.errors import KfacError
+from kfac_cli.files.digest import PENDING
 from kfac_cli.files.sources import Tensors, fingerprint, open_tensors
 from kfac_cli.jobs.devices import resolve_device, resolve_dtype
 from kfac_cli.jobs.distributed import RankFailed, Ranks, ranks_from_env
 from kfac_cli.jobs.patches import check_input, layer_meta, select_keys
 from kfac_cli.jobs.pipeline import BufferPool, Prefetcher, view
-from kfac_cli.jobs.skeleton import CPU, Finite, Job, Plan, Reporter, chunks
+from kfac_cli.jobs.skeleton import CPU, Finite, Job, Plan, Reporter, chunks, model_ref
 from kfac_cli.models.load import load_layer_table
 from kfac_cli.models.table import Layer
 from kfac_cli.ops.factors import (
@@ -364,35 +365,38 @@ def _run(
             first = {w.layer.name: min(stream.infos[k].begin for k in w.keys) for w in works}
             works.sort(key=lambda w: first[w.layer.name])
         plans = _plans(works, job.cast, forward_only, eigh)
-        metadata = factors_header(
-            job,
+        fields = dict(
             approx=approx.value,
             conventions=conv.to_json(),
             separate_bias=separate_bias,
             num_data=n,
             dtype=dtype,
             eigh=eigh,
-            model=str(model),
-            activations=[fingerprint(s) for s in acts],
-            grads=[fingerprint(s) for s in grad_srcs],
+            model=model_ref(model) if ranks.writer else {},
+            activations=[PENDING] * len(acts),
+            grads=[PENDING] * len(grad_srcs),
             layers={w.layer.name: _layer_meta(w, acts, separate_bias, forward_only) for w in works},
         )
+        metadata = factors_header(job, **fields)
+
+        def commit() -> dict[str, str] | None:
+            prints = _finish_fingerprinted(acts + grad_srcs, ranks)
+            if prints is None:
+                return None
+            final = {**fields, "activations": prints[: len(acts)], "grads": prints[len(acts) :]}
+            return factors_header(job, **final)
+
         accumulate = _Accumulator(
             job, acts, grad_srcs, works, batches, approx, conv, strict, ranks, separate_bias, eigh
         )
         try:
             if ranks.writer:
-                written = job.write(
-                    plans,
-                    metadata,
-                    accumulate.produce,
-                    before_commit=lambda: _finish(acts + grad_srcs, ranks),
-                )
+                written = job.write(plans, metadata, accumulate.produce, before_commit=commit)
                 ranks.publish()
             else:
                 for plan in plans:
                     accumulate.produce(plan, lambda *a, **k: None)
-                _finish(acts + grad_srcs, ranks)
+                commit()
                 ranks.await_writer()
                 written = 0
         finally:
@@ -447,6 +451,18 @@ def _finish(sources: list[Tensors], ranks: Ranks) -> None:
     for src in sources:
         src.finish()
     ranks.agree()
+
+
+def _finish_fingerprinted(sources: list[Tensors], ranks: Ranks) -> list[str] | None:
+    """Read every source to its end; the fingerprints of all of them on the writer
+    (``None`` elsewhere). Source ``i`` is fingerprinted by rank ``i % world``, which reads
+    what it did not read itself (other ranks' rows of a file split by rows)."""
+    for src in sources:
+        src.finish()
+    mine = {i: fingerprint(s) for i, s in enumerate(sources) if i % ranks.world == ranks.rank}
+    prints = ranks.gather_strings("fingerprint", mine, len(sources))
+    ranks.agree()
+    return prints
 
 
 def _plan(table, acts, grads, model, patterns, ignore_unknown, separate_bias, approx, job):
@@ -816,6 +832,7 @@ def run_merge(
                         f"{theirs.get(odd)} as in {sources[0].path}",
                         str(mine.get(odd)),
                     )
+        _check_disjoint(sources, metas)
         n = sum(m["num_data"] for m in metas)
         try:
             dtype = resolve_dtype(first["dtype"])
@@ -877,6 +894,26 @@ def run_merge(
         for src in sources:
             src.close()
     return job.summary(plans, written, items="factors", num_data=n)
+
+
+def _check_disjoint(sources: list[Tensors], metas: list[dict]) -> None:
+    """No activation dump (by its fingerprint) in two of the files: the same file twice,
+    or a file merged with one of its own parts.
+
+    Raises:
+        KfacError: Naming both files and the dump's fingerprint.
+    """
+    seen: dict[str, object] = {}
+    for src, meta in zip(sources, metas):
+        for fp in set(meta["activations"]):
+            if fp in seen:
+                raise KfacError(
+                    src.path,
+                    "activations",
+                    f"factors of data disjoint from {seen[fp]}",
+                    f"activation dump {fp[:19]}... in both",
+                )
+        seen.update(dict.fromkeys(meta["activations"], src.path))
 
 
 _COUNTS = ("rows", "gradient_rows", "input_shapes")

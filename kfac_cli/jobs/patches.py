@@ -9,8 +9,9 @@ import torch
 
 from kfac_cli.enums import KFACType
 from kfac_cli.errors import KfacError
+from kfac_cli.files.digest import PENDING
 from kfac_cli.files.safetensors import DTYPE_NAMES
-from kfac_cli.files.sources import Tensors, fingerprint, open_tensors
+from kfac_cli.files.sources import Tensors, open_tensors
 from kfac_cli.jobs.pipeline import BufferPool, Prefetcher, shares_memory, view
 from kfac_cli.jobs.skeleton import (
     CPU,
@@ -19,9 +20,11 @@ from kfac_cli.jobs.skeleton import (
     Plan,
     Reporter,
     chunks,
+    model_ref,
     near,
     order,
     release_all,
+    sealed,
 )
 from kfac_cli.models.load import load_layer_table
 from kfac_cli.models.table import Layer, LayerTable, matches
@@ -84,8 +87,8 @@ def run_patches(
             "kfac-cli/patches",
             approx=approx.value,
             bias_column=bias_column,
-            model=str(model),
-            activations=fingerprint(src),
+            model=model_ref(model),
+            activations=PENDING,
             layers={p.key: p.meta for p in plans},
         )
         ordered = plans if src.sequential else order(plans)
@@ -132,7 +135,9 @@ def run_patches(
             finite.report(plan.key, math.prod(plan.meta["input_shape"]))
 
         try:
-            written = job.write(ordered, metadata, produce, before_commit=src.finish)
+            written = job.write(
+                ordered, metadata, produce, before_commit=sealed(metadata, "activations", src)
+            )
         finally:
             prefetch.close()
     return job.summary(plans, written, items="layers", approx=approx.value)

@@ -16,12 +16,15 @@ import math
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 
 from kfac_cli import __version__
 from kfac_cli.errors import KfacError
+from kfac_cli.files.digest import file_fingerprint
 from kfac_cli.files.output import atomic_output, check_target
+from kfac_cli.files.sources import Tensors, fingerprint
 from kfac_cli.files.writer import SafetensorsWriter
 from kfac_cli.jobs.devices import resolve_device, resolve_dtype
 from kfac_cli.jobs.pipeline import BackgroundWriter, DeviceStage, InlineWriter
@@ -110,7 +113,7 @@ class Job:
         plans: list[Plan],
         metadata: dict[str, str],
         produce: Callable[[Plan, Callable], None],
-        before_commit: Callable[[], None] = lambda: None,
+        before_commit: Callable[[], dict[str, str] | None] = lambda: None,
         background: bool = True,
     ) -> int:
         """Stream every plan's tensor into the output, atomically; the bytes written.
@@ -120,7 +123,9 @@ class Job:
         thread writes them in order (and calls ``done`` after each), overlapping I/O with
         compute (``background=False``: ``put`` writes before it returns, so nothing is
         held). ``before_commit`` runs after the last byte, before the output appears
-        (e.g. to check that an input stream ended where its header said).
+        (e.g. to check that an input stream ended where its header said); it may return
+        the final metadata, in which :data:`~kfac_cli.files.digest.PENDING` fingerprints
+        are filled in (the header is rewritten in place).
         """
         self.reporter.start(sum(p.nbytes for p in plans))
         with atomic_output(self.out, force=self.force) as fh:
@@ -134,7 +139,9 @@ class Job:
             except BaseException:
                 sink.abort()
                 raise
-            before_commit()
+            final = before_commit()
+            if final is not None:
+                writer.finish_header(final)
             return writer.bytes_written
 
     def summary(
@@ -158,6 +165,23 @@ class Job:
             "bytes": written,
             "seconds": round(time.perf_counter() - self.started, 4),
         }
+
+
+def model_ref(model: object) -> dict[str, str]:
+    """How an output records its model: the file's name and the fingerprint of its bytes
+    (never the path given, so identical inputs give identical outputs wherever they are)."""
+    return {"file": Path(str(model)).name, "fingerprint": file_fingerprint(model)}
+
+
+def sealed(metadata: dict[str, str], key: str, src: Tensors) -> Callable[[], dict[str, str]]:
+    """A ``before_commit`` for :meth:`Job.write`: read ``src`` to its end, then fill in its
+    fingerprint under ``key`` (written as :data:`PENDING`)."""
+
+    def commit() -> dict[str, str]:
+        src.finish()
+        return {**metadata, key: fingerprint(src)}
+
+    return commit
 
 
 def order(plans: list[Plan]) -> list[Plan]:
