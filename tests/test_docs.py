@@ -14,7 +14,7 @@ from kfac_cli.cli import app
 from tests.conftest import ROOT
 
 README = (ROOT / "README.md").read_text()
-COMMANDS = ["layers", "patches", "canonicalize", "factors"]
+COMMANDS = ["layers", "patches", "canonicalize", "factors", "merge", "info"]
 
 
 def help_text(command: str) -> str:
@@ -56,6 +56,18 @@ def test_ruff_clean():
         pytest.skip("ruff is not installed (pip install -e '.[test]')")
     proc = subprocess.run([str(ruff), "check", str(ROOT)], capture_output=True, text=True)
     assert proc.returncode == 0, proc.stdout
+
+
+@pytest.mark.parametrize("index", [0, 1])
+def test_readme_python_blocks_run(index, tmp_path):
+    """README's Python examples, as they stand, in a fresh folder."""
+    blocks = re.findall(r"```python\n(.*?)```", README, flags=re.DOTALL)
+    assert len(blocks) == 3  # the recording example above is the third's short form
+    code = [b for b in blocks if "assert" in b or "generator" in b][index]
+    proc = subprocess.run(
+        [sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=300
+    )
+    assert proc.returncode == 0, proc.stderr
 
 
 @pytest.mark.parametrize(
