@@ -28,6 +28,8 @@ Kronecker factors.
 
 from __future__ import annotations
 
+import sys
+import types
 from collections.abc import Iterable, Mapping
 from math import sqrt
 from pathlib import Path
@@ -300,3 +302,15 @@ def _write(path: Path, tensors: dict[str, Tensor], extra: dict[str, str], force:
         for key, t in ordered:
             writer.write(key, t.detach().contiguous().cpu())
         writer.close()
+
+
+class _CallableModule(types.ModuleType):
+    """This module, callable: importing ``kfac_cli.record`` makes it the package's ``record``
+    attribute, so ``from kfac_cli import record`` may give the module; calling it calls
+    :func:`record` either way."""
+
+    def __call__(self, *args, **kwargs):
+        return record(*args, **kwargs)
+
+
+sys.modules[__name__].__class__ = _CallableModule

@@ -17,11 +17,7 @@ duplicate key, which the official parser silently accepts).
 from __future__ import annotations
 
 import ctypes
-import json
 import os
-import struct
-from dataclasses import dataclass
-from math import prod
 from pathlib import Path
 from typing import BinaryIO
 
@@ -30,8 +26,8 @@ from torch import Tensor
 
 from kfac_cli.errors import KfacError
 from kfac_cli.files.digest import TensorDigests
-from kfac_cli.files.inputs import open_readable, read_exactly, sniff
-from kfac_cli.files.kinds import MAX_HEADER_BYTES
+from kfac_cli.files.header import TensorInfo, official_check, read_header
+from kfac_cli.files.inputs import open_readable, read_exactly
 
 DTYPES: dict[str, torch.dtype] = {
     "F64": torch.float64,
@@ -53,131 +49,6 @@ DTYPES: dict[str, torch.dtype] = {
 DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
 
 
-@dataclass(frozen=True)
-class TensorInfo:
-    """Where a tensor lies in its file: dtype, shape and absolute byte range."""
-
-    file: object  # the path, or "stdin"
-    dtype: torch.dtype
-    shape: tuple[int, ...]
-    begin: int
-    end: int
-
-    @property
-    def nbytes(self) -> int:
-        return self.end - self.begin
-
-
-def _no_duplicates(pairs: list[tuple[str, object]]) -> dict:
-    out: dict = {}
-    for k, v in pairs:
-        if k in out:
-            raise ValueError(f"duplicate key {k!r}")
-        out[k] = v
-    return out
-
-
-def _parse_entry(path: Path, name: str, entry: object, data_start: int) -> TensorInfo:
-    if not isinstance(entry, dict) or set(entry) != {"dtype", "shape", "data_offsets"}:
-        raise KfacError(path, name, "an entry {dtype, shape, data_offsets}", repr(entry)[:80])
-    dtype = DTYPES.get(entry["dtype"]) if isinstance(entry["dtype"], str) else None
-    if dtype is None:
-        raise KfacError(path, name, f"a dtype in {', '.join(DTYPES)}", repr(entry["dtype"]))
-    shape, offsets = entry["shape"], entry["data_offsets"]
-    if not isinstance(shape, list) or not all(
-        isinstance(s, int) and not isinstance(s, bool) and s >= 0 for s in shape
-    ):
-        raise KfacError(path, name, "a shape of non-negative ints", repr(shape)[:80])
-    if (
-        not isinstance(offsets, list)
-        or len(offsets) != 2
-        or not all(isinstance(o, int) and not isinstance(o, bool) for o in offsets)
-        or not 0 <= offsets[0] <= offsets[1]
-    ):
-        raise KfacError(path, name, "data_offsets [begin, end]", repr(offsets)[:80])
-    nbytes = prod(shape) * dtype.itemsize
-    if offsets[1] - offsets[0] != nbytes:
-        raise KfacError(
-            path,
-            name,
-            f"{nbytes} bytes for {entry['dtype']} {shape}",
-            f"{offsets[1] - offsets[0]} bytes",
-        )
-    return TensorInfo(path, dtype, tuple(shape), data_start + offsets[0], data_start + offsets[1])
-
-
-def read_header(fh: BinaryIO, name: object, size: int | None = None) -> tuple[dict, dict, int]:
-    """Read and check the header at the start of ``fh``.
-
-    Args:
-        fh: The input, positioned at its first byte.
-        name: How the input is named in messages.
-        size: The input's size in bytes, if known (a file; ``None`` for a stream).
-
-    Returns:
-        ``(infos, metadata, data_end)``: each tensor's :class:`TensorInfo` (absolute byte
-        ranges), the ``__metadata__`` strings, and where the last tensor ends.
-
-    Raises:
-        KfacError: For a header that is not a well-formed safetensors header, or that does
-            not fit ``size``.
-    """
-    head = fh.read(8)
-    if len(head) < 8:
-        found = sniff(head) if not head else f"an input of only {len(head)} bytes"
-        raise KfacError(name, None, "a safetensors file", found)
-    (n,) = struct.unpack("<Q", head)
-    if n > MAX_HEADER_BYTES:
-        found = sniff(head) if sniff(head) != "unrecognised bytes" else f"length {n}"
-        raise KfacError(name, None, f"a header of at most {MAX_HEADER_BYTES} bytes", found)
-    if size is not None and 8 + n > size:
-        raise KfacError(
-            name, None, f"a header within the file's {size} bytes", f"header length {n}"
-        )
-    raw = fh.read(n)
-    if len(raw) < n:
-        raise KfacError(name, None, f"a header of {n} bytes", f"the input ended after {len(raw)}")
-    try:
-        header = json.loads(raw.decode("utf-8"), object_pairs_hook=_no_duplicates)
-    except RecursionError:
-        raise KfacError(name, None, "a header nested at most 3 deep", "deeper nesting") from None
-    except (UnicodeDecodeError, ValueError) as e:
-        found = sniff(head) if sniff(head) != "unrecognised bytes" else f"invalid JSON ({e})"
-        raise KfacError(name, None, "a safetensors JSON header", found[:120]) from None
-    if not isinstance(header, dict):
-        raise KfacError(name, None, "a JSON object header", type(header).__name__)
-    metadata = header.pop("__metadata__", None) or {}
-    if not isinstance(metadata, dict) or not all(
-        isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()
-    ):
-        raise KfacError(name, "__metadata__", "a map of strings to strings", "other values")
-    infos = {key: _parse_entry(name, key, e, 8 + n) for key, e in header.items()}
-    position = 8 + n
-    for key, info in sorted(infos.items(), key=lambda kv: (kv[1].begin, kv[1].end)):
-        if info.begin != position:
-            what = "overlapping data" if info.begin < position else "a hole before it"
-            raise KfacError(name, key, f"data starting at byte {position}", what)
-        position = info.end
-    if size is not None and position != size:
-        found = f"data ending at byte {size}" if position < size else "a truncated file"
-        raise KfacError(name, None, f"tensor data ending at byte {position}", found)
-    return infos, metadata, position
-
-
-def _official_check(path: Path) -> None:
-    """What the official library refuses, we refuse too (it maps the file, reads no data)."""
-    from safetensors import SafetensorError, safe_open
-
-    try:
-        with safe_open(str(path), framework="pt"):
-            pass
-    except (SafetensorError, OSError, ValueError) as e:
-        found = str(e).removeprefix("Error while deserializing header: ")
-        raise KfacError(
-            path, None, "a header the safetensors library accepts", found[:120]
-        ) from None
-
-
 class SafetensorsFile:
     """A validated safetensors file (random access) whose tensors are read on demand.
 
@@ -196,7 +67,7 @@ class SafetensorsFile:
         try:
             size = os.fstat(self._fh.fileno()).st_size
             self.infos, self.metadata, _ = read_header(self._fh, self.path, size)
-            _official_check(self.path)
+            official_check(self.path)
         except BaseException:
             self._fh.close()
             raise

@@ -24,17 +24,11 @@ from torch import Tensor
 
 from kfac_cli.errors import KfacError
 from kfac_cli.files.digest import fingerprint_of
+from kfac_cli.files.header import TensorInfo, no_duplicates
 from kfac_cli.files.inputs import display_name, open_input, open_readable
+from kfac_cli.files.kinds import MAX_HEADER_BYTES, identify, require, require_format
 from kfac_cli.files.kinds import TORCH_SAVE_SUFFIXES as SUFFIXES
-from kfac_cli.files.kinds import identify, require, require_format
-from kfac_cli.files.safetensors import (
-    DTYPE_NAMES,
-    MAX_HEADER_BYTES,
-    SafetensorsFile,
-    TensorInfo,
-    _no_duplicates,
-    tensor_bytes,
-)
+from kfac_cli.files.safetensors import DTYPE_NAMES, SafetensorsFile, tensor_bytes
 from kfac_cli.files.stream import StreamSource
 from kfac_cli.files.torch_save import load_weights_only
 
@@ -121,7 +115,7 @@ class TensorSource(RandomAccess):
         with fh:
             raw = fh.read(MAX_HEADER_BYTES + 1)
         try:
-            index = json.loads(raw, object_pairs_hook=_no_duplicates)
+            index = json.loads(raw, object_pairs_hook=no_duplicates)
         except (UnicodeDecodeError, ValueError) as e:
             raise KfacError(self.path, None, "a JSON shard index", f"{e}"[:120]) from None
         weight_map = index.get("weight_map") if isinstance(index, dict) else None
@@ -186,7 +180,9 @@ class DictSource(RandomAccess):
         self._tensors = load_weights_only(self.path)
         self.metadata: dict[str, str] = {}
         self.infos = {
-            k: TensorInfo(self.path, v.dtype, tuple(v.shape), 0, v.numel() * v.element_size())
+            k: TensorInfo(
+                self.path, DTYPE_NAMES[v.dtype], tuple(v.shape), 0, v.numel() * v.element_size()
+            )
             for k, v in self._tensors.items()
         }
 
@@ -247,5 +243,5 @@ def fingerprint(src: Tensors) -> str:
     now (a stream: ask once it has been read to its end)."""
     return fingerprint_of(
         src.metadata,
-        {k: (DTYPE_NAMES[i.dtype], list(i.shape), src.digest(k)) for k, i in src.infos.items()},
+        {k: (i.dtype_name, list(i.shape), src.digest(k)) for k, i in src.infos.items()},
     )

@@ -23,8 +23,9 @@ from torch import Tensor
 
 from kfac_cli.errors import KfacError
 from kfac_cli.files.digest import TensorDigests
+from kfac_cli.files.header import read_header
 from kfac_cli.files.inputs import read_exactly
-from kfac_cli.files.safetensors import read_header, row_range, tensor_bytes
+from kfac_cli.files.safetensors import row_range, tensor_bytes
 
 SKIP_CHUNK = 1 << 20
 

@@ -81,10 +81,8 @@ def load_layer_table(
             f"suffix {suffix or '(none)'!r}",
         )
     if spec is not None:
-        import torch
-
         from kfac_cli.models.state_dict import Entry, merge_spec
 
-        entries = {n: Entry(s, torch.float32) for n, s in table.parameters.items()}
+        entries = {n: Entry(s, True) for n, s in table.parameters.items()}
         return merge_spec(entries, read_spec(Path(spec)), path, spec)
     return table

@@ -88,6 +88,6 @@ def load_pickled_module(path: Path) -> LayerTable:
     if isinstance(obj, nn.Module):
         return table_from_module(obj, str(path))
     if isinstance(obj, dict) and all(isinstance(v, torch.Tensor) for v in obj.values()):
-        entries = {k: Entry(tuple(v.shape), v.dtype) for k, v in obj.items()}
+        entries = {k: Entry(tuple(v.shape), v.dtype.is_floating_point) for k, v in obj.items()}
         return layers_from_state_dict(entries, str(path))
     raise KfacError(path, None, "a torch.nn.Module or a state dict", type(obj).__name__)

@@ -11,16 +11,15 @@ parameter, by the spec's aliases or, in a ``torch.save`` file, by their shared s
 
 from __future__ import annotations
 
+import os
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
-
 from kfac_cli.errors import KfacError
+from kfac_cli.files.header import official_check, read_header
+from kfac_cli.files.inputs import open_readable
 from kfac_cli.files.kinds import TORCH_SAVE_SUFFIXES as SUFFIXES
-from kfac_cli.files.sources import open_tensors
-from kfac_cli.files.torch_save import load_weights_only
 from kfac_cli.models.table import KINDS, Layer, LayerTable, layer_name
 
 BATCHNORM_BUFFERS = ("running_mean", "running_var", "num_batches_tracked")
@@ -31,28 +30,39 @@ class Entry:
     """A state-dict entry: its shape, dtype, and the key it shares storage with (if any)."""
 
     shape: tuple[int, ...]
-    dtype: torch.dtype
+    floating: bool
     alias_of: str | None = None
 
 
 def is_buffer(name: str, entry: Entry) -> bool:
     """Whether a state-dict entry is, by its name or dtype, a buffer (never a parameter)."""
-    return name.rsplit(".", 1)[-1] in BATCHNORM_BUFFERS or not entry.dtype.is_floating_point
+    return name.rsplit(".", 1)[-1] in BATCHNORM_BUFFERS or not entry.floating
 
 
 def read_entries(path: Path) -> dict[str, Entry]:
-    """The entries of a state-dict file (safetensors: from the header alone)."""
+    """The entries of a state-dict file: a safetensors file from its header alone (without
+    torch), a sharded set from its shards' headers, a ``.pt`` file loaded weights-only."""
     if path.suffix.lower() in SUFFIXES:
+        from kfac_cli.files.torch_save import load_weights_only
+
         tensors = load_weights_only(path)
         first: dict[tuple, str] = {}
         out = {}
         for name, t in tensors.items():
             where = (t.untyped_storage().data_ptr(), t.storage_offset(), t.shape, t.stride())
             alias = first.setdefault(where, name) if t.numel() else name
-            out[name] = Entry(tuple(t.shape), t.dtype, None if alias == name else alias)
+            floating = t.dtype.is_floating_point
+            out[name] = Entry(tuple(t.shape), floating, None if alias == name else alias)
         return out
-    with open_tensors(path, stream_ok=False) as src:
-        return {k: Entry(info.shape, info.dtype) for k, info in src.infos.items()}
+    if path.name.endswith(".json"):
+        from kfac_cli.files.sources import open_tensors
+
+        with open_tensors(path, stream_ok=False) as src:
+            return {k: Entry(info.shape, info.floating) for k, info in src.infos.items()}
+    with open_readable(path) as fh:
+        infos, _, _ = read_header(fh, path, os.fstat(fh.fileno()).st_size)
+    official_check(path)
+    return {k: Entry(info.shape, info.floating) for k, info in infos.items()}
 
 
 def layers_from_state_dict(entries: Mapping[str, Entry], source: str) -> LayerTable:

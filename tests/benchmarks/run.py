@@ -11,7 +11,8 @@ gradients, over shards) against the anchor (curvlinops' hook code: extract_patch
 per layer after load_file) and a read floor, the factor kernels against the anchor's einsum
 on materialised patches, 2 torchrun ranks against 1, the in-memory patch kernels against
 curvlinops and one read pass (`x.sum()`), `canonicalize` of a large parameter file against
-its read+write floor, and `--help`. Reports medians (min-max), ratios, and each process's
+its read+write floor, and the start-up of `--help`, `layers` and `info` against bare
+interpreters. Reports medians (min-max), ratios, and each process's
 peak RSS (ru_maxrss) above a bare `import torch`.
 """
 
@@ -456,11 +457,30 @@ def bench_canonicalize(folder: Path, args, env: dict, report: dict) -> None:
         p.unlink(missing_ok=True)
 
 
-def bench_help(env: dict, report: dict) -> None:
+def bench_startup(folder: Path, env: dict, report: dict) -> None:
+    """Commands that need no tensor maths against bare interpreters, alternating, 7 times:
+    ``python -c pass``, ``python -c "import torch"``, ``kfac-cli --help``, ``layers`` of the
+    workload's ``.pt2`` and ``info`` of its activation dump."""
     kfac = str(Path(sys.executable).with_name("kfac-cli"))
-    t = [timed([kfac, "--help"], env)[0] for _ in range(7)]
-    print(f"\nkfac-cli --help: {fmt_stats(t)} s")
-    report["help_seconds"] = t
+    acts = next(iter(sorted(folder.glob("acts*.safetensors"))), None)
+    cmds = {
+        "python -c pass": [sys.executable, "-c", "pass"],
+        "python -c 'import torch'": [sys.executable, "-c", "import torch"],
+        "kfac-cli --help": [kfac, "--help"],
+        "kfac-cli layers model.pt2": [kfac, "layers", str(folder / "model.pt2")],
+    }
+    if acts is not None:
+        cmds["kfac-cli info ACTS"] = [kfac, "info", str(acts)]
+    times: dict[str, list[float]] = {k: [] for k in cmds}
+    for _ in range(7):
+        for name, cmd in cmds.items():
+            times[name].append(timed(cmd, env)[0])
+    bare = statistics.median(times["python -c pass"])
+    print("\nstart-up (median (min-max), and above a bare `python -c pass`):")
+    for name, t in times.items():
+        print(f"  {name:28s} {fmt_stats(t)} s   +{statistics.median(t) - bare:.3f} s")
+    report["startup_seconds"] = times
+    report["help_seconds"] = times["kfac-cli --help"]
 
 
 def main() -> None:
@@ -481,7 +501,7 @@ def main() -> None:
             "processes",
             "kernels",
             "canonicalize",
-            "help",
+            "startup",
             "factors",
             "factor-kernels",
             "ranks",
@@ -515,7 +535,7 @@ def main() -> None:
     report: dict = {"preset": args.preset, "threads": args.threads, "device": args.device}
     only = set(
         args.only
-        or ["processes", "factors", "factor-kernels", "ranks", "kernels", "canonicalize", "help"]
+        or ["processes", "factors", "factor-kernels", "ranks", "kernels", "canonicalize", "startup"]
     )
     spec = folder / "spec.json"
     spec.write_bytes(
@@ -544,8 +564,8 @@ def main() -> None:
         bench_kernels(folder, args, report)
     if "canonicalize" in only:
         bench_canonicalize(folder, args, env, report)
-    if "help" in only:
-        bench_help(env, report)
+    if "startup" in only:
+        bench_startup(folder, env, report)
     if args.json:
         args.json.write_text(json.dumps(report, indent=1))
     if args.folder is None:
