@@ -53,6 +53,8 @@ FIXES = {
     "grads": "output-gradient dumps go after --grads",
     "inverse": "to convert a canonical file back: kfac-cli canonicalize --inverse CANONICAL",
     "merge": "to combine factors files: kfac-cli merge FACTORS...",
+    "dtype_float32": "pass --dtype float32",
+    "dtype_float64": "pass --dtype float64",
 }
 # How each command is called, for an input given in the wrong place ("model_first").
 USAGE = {

@@ -27,6 +27,7 @@ from kfac_cli.jobs.pipeline import BufferPool, Prefetcher, view
 from kfac_cli.jobs.skeleton import CPU, Finite, Job, Plan, Reporter, chunks, model_ref
 from kfac_cli.models.load import load_layer_table
 from kfac_cli.models.table import Layer
+from kfac_cli.ops.eigh import factor_eigh
 from kfac_cli.ops.factors import (
     RowGram,
     gradient_rows,
@@ -722,6 +723,7 @@ class _Accumulator:
         factors = {"A": a_fold.finish() if reduce else a}
         if self.grads:
             factors["G"] = g_fold.finish() if reduce else g
+        bad_inputs = any(k in f.bad for f in self.finite.values() for k in w.keys)
         for src in self.acts + self.grads:
             for key in w.keys:
                 self.finite[id(src)].report(key, math.prod(src.infos[key].shape))
@@ -734,10 +736,17 @@ class _Accumulator:
         for name, upper in factors.items():
             key = f"{w.layer.name}.{name}"
             sym = mirror_(upper)
+            if not bad_inputs and not bool(torch.isfinite(sym).all()):
+                found = "NaN/Inf from finite inputs (an overflow)"
+                if self.ranks.world > 1:
+                    found = "NaN/Inf: an overflow, or NaN/Inf inputs on another rank"
+                dtype = str(self.dtype).removeprefix("torch.")
+                wider = "dtype_float64" if self.dtype != torch.float64 else None
+                raise KfacError(None, key, f"a factor that fits {dtype}", found, fix=wider)
             self.done[key] = (sym, orders.get(name))
             if self.eigh:
-                full = reordered_rows(sym, orders.get(name)).double()
-                vals, vecs = torch.linalg.eigh(full)
+                full = reordered_rows(sym, orders.get(name))
+                vals, vecs = factor_eigh(full, None, key)
                 self.done[f"{key}.eigenvalues"] = vals
                 self.done[f"{key}.eigenvectors"] = vecs
 
@@ -883,7 +892,7 @@ def run_merge(
                     total += value * (meta["num_data"] / n if average else 1.0)
                 done[base] = mirror_(total)
                 if eigh:
-                    vals, vecs = torch.linalg.eigh(done[base])
+                    vals, vecs = factor_eigh(done[base], None, base)
                     done[f"{base}.eigenvalues"], done[f"{base}.eigenvectors"] = vals, vecs
             put(plan.key, done.pop(plan.key).to(plan.dtype))
 

@@ -124,6 +124,8 @@ def run_patches(
                     bias_column,
                     None if buf is None else view(buf, plan.dtype, shape),
                 )
+                if approx is KFACType.REDUCE:  # sums: finite inputs, finite outputs
+                    check_sums(y, plan.key, plan.key in finite.bad, src.path)
                 event = None
                 if not stage.on_cpu:
                     host_buf = stage.host_pool.get(nbytes)
@@ -201,6 +203,25 @@ def batch_reads(src: Tensors, keys: list[str], row_chunks: dict[str, list[tuple[
                     r[2] - r[1], *s[1:]
                 ),
             )
+
+
+def check_sums(y: torch.Tensor, key: str, bad_inputs: bool, file: object) -> None:
+    """Sums of finite inputs that came out NaN/Inf overflowed their dtype: one error naming
+    the layer and the wider ``dtype`` that fixes it (NaN/Inf inputs follow ``strict``).
+
+    Raises:
+        KfacError: For a non-finite ``y`` from finite inputs.
+    """
+    if bad_inputs or bool(torch.isfinite(y).all()):
+        return
+    wider = "float32" if y.dtype in (torch.float16, torch.bfloat16) else "float64"
+    raise KfacError(
+        file,
+        key,
+        f"sums that fit {str(y.dtype).removeprefix('torch.')}",
+        "NaN/Inf from finite inputs (an overflow)",
+        fix=f"dtype_{wider}",
+    )
 
 
 def check_input(

@@ -236,6 +236,65 @@ def layer_table_from_pt2(path: Path) -> LayerTable:
         ) from None
 
 
+def _own_padding(args: dict, kernel: tuple[int, ...], n: int) -> list[tuple[int, int]] | None:
+    """The conv op's own padding as ``(left, right)`` per spatial dim (``'same'`` as
+    PyTorch computes it), or ``None`` when it is not numbers."""
+    own, dilation = args["padding"], args["dilation"]
+    dil = [dilation] * n if isinstance(dilation, int) else list(dilation)
+    if own == "valid":
+        return [(0, 0)] * n
+    if own == "same":
+        return [(d * (k - 1) // 2, d * (k - 1) - d * (k - 1) // 2) for k, d in zip(kernel, dil)]
+    own = [own] * n if isinstance(own, int) else list(own)
+    if len(own) != n or not all(isinstance(v, int) for v in own):
+        return None
+    return [(v, v) for v in own]
+
+
+def _fold_pads(pads: list[tuple], args: dict, kernel: tuple[int, ...], n: int):
+    """One ``(padding, mode)`` equal to the pads a module applies (``pads``, the conv's side
+    first) followed by the conv's own zero padding, or why there is none (a string).
+
+    Zero pads add up with the conv's own padding; one reflect, replicate or circular pad
+    applied first (a conv's ``padding_mode``) stands alone; replicate pads add up. Anything
+    else (another pad value, a crop, two modes in a row, a pad of the batch or channels) is
+    no single convolution padding.
+    """
+    if not pads:  # the conv reads its input as it is
+        return args["padding"], "zeros"
+    own = _own_padding(args, kernel, n)
+    if own is None:
+        return f"its padding {args['padding']!r} is not numbers"
+    steps = []  # (mode, [(left, right)] per dim), the input's side first
+    for mode, flat, value in reversed(pads):
+        if len(flat) % 2 or (len(flat) > 2 * n and any(flat[2 * n :])):
+            return "its module pads more than the spatial dims of its input"
+        if min(flat, default=0) < 0:
+            return "its module crops its input (a negative pad) before the convolution"
+        if mode == "constant" and value not in (None, 0, 0.0):
+            return f"its module pads its input with the value {value} (only zeros fold)"
+        flat = (flat + [0] * (2 * n))[: 2 * n]  # last dim first
+        per_dim = [(flat[2 * i], flat[2 * i + 1]) for i in reversed(range(n))]
+        if any(any(p) for p in per_dim):
+            steps.append(("zeros" if mode == "constant" else mode, per_dim))
+    if any(any(p) for p in own):
+        steps.append(("zeros", own))
+    modes = [m for m, _ in steps]
+    total = [(sum(p[d][0] for _, p in steps), sum(p[d][1] for _, p in steps)) for d in range(n)]
+    if all(m == "zeros" for m in modes) or all(m == "replicate" for m in modes):
+        mode = modes[0] if modes else "zeros"
+    elif len(modes) == 1:
+        mode = modes[0]
+    else:
+        return (
+            f"its module pads its input {' then '.join(modes)} before the convolution: "
+            "no single padding mode does that"
+        )
+    if all(left == right for left, right in total):
+        return tuple(left for left, _ in total), mode
+    return tuple(total), mode
+
+
 class _Graph:
     """One pass over the graph's nodes, collecting layers, uses and untreated layers."""
 
@@ -244,6 +303,7 @@ class _Graph:
         self.path = path
         self.nodes = gm["graph"]["nodes"]
         tv = gm["graph"]["tensor_values"]
+        self.tensor_values = tv
         self.params: dict[str, str] = {}  # graph input name -> parameter name
         self.buffers: list[str] = []
         for spec in gm["signature"]["input_specs"]:
@@ -325,7 +385,10 @@ class _Graph:
         elif family in _CONV and overload in _DEFAULTS:
             args = _node_args(node, _CONV_ARGS, _DEFAULTS[overload])
             conv = self._conv_params(node, args, _CONV[family])
-            self._call(node, base, family, args["weight"], args["bias"], conv)
+            if isinstance(conv, str):
+                self._untreated(node, base, conv)
+            else:
+                self._call(node, base, family, args["weight"], args["bias"], conv)
         elif base == "aten.convolution":
             args = _node_args(node, _CONVOLUTION_ARGS, {})
             rank = self._rank(args["weight"])
@@ -333,7 +396,10 @@ class _Graph:
                 self._untreated(node, base, "a transposed convolution")
             elif rank in (3, 4, 5):
                 conv = self._conv_params(node, args, rank - 2)
-                self._call(node, base, _KIND[rank], args["weight"], args["bias"], conv)
+                if isinstance(conv, str):
+                    self._untreated(node, base, conv)
+                else:
+                    self._call(node, base, _KIND[rank], args["weight"], args["bias"], conv)
         elif family.startswith("conv_transpose"):
             self._untreated(node, base, "a transposed convolution")
 
@@ -357,61 +423,75 @@ class _Graph:
             return source
         return None
 
-    def _conv_params(self, node: Mapping, args: dict, n: int) -> ConvParams | None:
+    def _conv_params(self, node: Mapping, args: dict, n: int) -> ConvParams | str | None:
+        """The conv's hyper-parameters as a forward hook on its module sees them (pads the
+        module applies first folded in), or why KFAC cannot treat it (a string)."""
         weight = _tensor(args["weight"])
         if weight not in self.params:
             return None
-        padding, mode = args["padding"], "zeros"
-        folded = self._padded_by(node, args, n)
-        if folded is not None:
-            padding, mode = folded
         kernel = self.shapes[self.params[weight]][2:]
+        source, pads = self._own_pads(node, args)
+        folded = _fold_pads(pads, args, kernel, n)
+        if isinstance(folded, str):
+            return folded
+        padding, mode = folded
         try:
-            return ConvParams.create(
+            conv = ConvParams.create(
                 kernel, args["stride"], padding, args["dilation"], args["groups"], mode, n=n
             )
         except KfacError as e:
             raise e.with_context(self.path, str(node.get("name"))) from None
+        return self._check_output(node, source, conv, n)
 
-    def _padded_by(self, node: Mapping, args: dict, n: int) -> tuple[tuple, str] | None:
-        """A pad the conv's own module applies to its input first (``padding_mode``
-        reflect/replicate/circular; TensorFlow-style 'same' as timm's ``Conv2dSame`` pads
-        with zeros): ``(padding, mode)`` of one conv that reads the module's input, which
-        is what a forward hook records. ``None``: the conv reads its input as it is."""
-        pad_node = self.producers.get(_tensor(args["input"]) or "")
-        if pad_node is None or _module_of(pad_node)[0] != _module_of(node)[0]:
-            return None
-        target = str(pad_node["target"])
-        if target.endswith("aten.pad.default"):
-            pad_args = _node_args(
-                pad_node, ("self", "pad", "mode", "value"), {"mode": "constant", "value": None}
-            )
-        elif target.endswith("aten.constant_pad_nd.default"):
-            pad_args = _node_args(pad_node, ("self", "pad", "value"), {"value": 0})
-            pad_args["mode"] = "constant"
-        else:
-            return None
-        flat = list(pad_args["pad"])  # last dim first, (left, right) each
-        if len(flat) < 2 * n or any(v != 0 for v in flat[2 * n :]) or min(flat) < 0:
-            return None
-        own = args["padding"]
-        own = [0] * n if own == "valid" else [own] * n if isinstance(own, int) else own
-        if isinstance(own, str) or not all(isinstance(v, int) for v in own):
-            return None
-        mode = pad_args["mode"]
-        if mode == "constant":
-            if pad_args["value"] not in (None, 0):
-                return None
-            mode = "zeros"
-        elif any(own):
-            return None
-        padding = tuple(
-            (flat[2 * i] + own[n - 1 - i], flat[2 * i + 1] + own[n - 1 - i])
-            for i in reversed(range(n))
+    def _own_pads(self, node: Mapping, args: dict) -> tuple[str | None, list[tuple]]:
+        """The pads the conv's own module applies to its input, the conv's side first:
+        ``(mode, flat pad, value)`` each; and the tensor the first of them reads (what a
+        forward hook on the module records)."""
+        pads: list[tuple] = []
+        tensor = _tensor(args["input"])
+        while True:
+            pad_node = self.producers.get(tensor or "")
+            if pad_node is None or _module_of(pad_node)[0] != _module_of(node)[0]:
+                return tensor, pads
+            op = _op(pad_node)
+            if op == "aten.pad":
+                defaults = {"mode": "constant", "value": None}
+                a = _node_args(pad_node, ("self", "pad", "mode", "value"), defaults)
+            elif op == "aten.constant_pad_nd":
+                a = {
+                    **_node_args(pad_node, ("self", "pad", "value"), {"value": 0}),
+                    "mode": "constant",
+                }
+            elif op.startswith(("aten.reflection_pad", "aten.replication_pad")):
+                a = _node_args(pad_node, ("self", "padding"), {})
+                a = {**a, "pad": a["padding"], "value": None}
+                a["mode"] = "reflect" if "reflection" in op else "replicate"
+            else:
+                return tensor, pads
+            pads.append((a["mode"], list(a["pad"]), a["value"]))
+            tensor = _tensor(a["self"])
+
+    def _check_output(self, node: Mapping, source: str | None, conv: ConvParams, n: int):
+        """``conv``, or why not: the output size the graph records must be the one the
+        hyper-parameters give for the module's input (the patches' row count)."""
+        tv = self.tensor_values
+        out = next(
+            (o["as_tensor"]["name"] for o in node.get("outputs", []) if "as_tensor" in o), None
         )
-        if all(left == right for left, right in padding):
-            padding = tuple(left for left, _ in padding)
-        return padding, mode
+        try:
+            given, got = _shape(tv, source)[2:], _shape(tv, out)[2:]
+        except (KeyError, TypeError):  # symbolic sizes: nothing to compare
+            return conv
+        try:
+            want = conv.output_size(given)
+        except KfacError:
+            want = None
+        if len(given) == n and want != tuple(got):
+            return (
+                f"its output {list(got)} is not what its input {list(given)} and "
+                f"hyper-parameters give ({list(want) if want else 'none'})"
+            )
+        return conv
 
     def _call(self, node, op, kind, weight_arg, bias_arg, conv) -> None:
         module, module_type = _module_of(node)

@@ -367,12 +367,14 @@ def conv_averaged_patches(
             the fastest for the geometry (:func:`reduce_method`).
 
     Returns:
-        ``[B, (C_in/G)*K_1*..*K_N (+1)]``.
+        ``[B, (C_in/G)*K_1*..*K_N (+1)]``, in ``x``'s dtype (float16 and bfloat16 inputs
+        are summed in float32 and cast once at the end).
     """
     _check_dtype(x)
     out_size = params.check_input(x.shape)
     dims = tap_dims(params, x.shape[2:])
-    x = _group_sum(x, params.groups)
+    narrow = x.dtype
+    x = _group_sum(x.to(accumulation_dtype(narrow)), params.groups)
     if params.padding_mode != "zeros":
         x = _pad(x, params.pads(), params.padding_mode)
     batch, channels, *spatial = x.shape
@@ -384,7 +386,7 @@ def conv_averaged_patches(
     out = _with_bias_column((batch, cols), bias_column, x)
     dst = out[:, :cols].unflatten(1, (channels, *params.kernel_size))
     torch.div(t.unflatten(0, (batch, channels)), prod(out_size) * params.groups, out=dst)
-    return out
+    return out.to(narrow)  # summed wide, cast once
 
 
 def linear_patches(x: Tensor, bias_column: bool = False) -> Tensor:
@@ -404,8 +406,14 @@ def linear_averaged_patches(x: Tensor, bias_column: bool = False) -> Tensor:
     """KFAC-reduce input of a linear layer: ``[B, ..., d_in] -> [B, d_in (+1)]``."""
     flat = linear_patches(x)
     out = _with_bias_column((flat.shape[0], flat.shape[2]), bias_column, flat)
-    out[:, : flat.shape[2]] = flat.mean(1)
+    out[:, : flat.shape[2]] = flat.to(accumulation_dtype(flat.dtype)).mean(1)  # summed wide
     return out
+
+
+def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype sums of ``dtype`` values run in: float32 for float16 and bfloat16 (their
+    sums overflow and lose digits), else ``dtype`` itself."""
+    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
 
 
 def extract_patches(
