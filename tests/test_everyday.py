@@ -343,3 +343,21 @@ def test_info_and_layers_do_not_import_torch(run):
         )
         proc = subprocess.run([os.sys.executable, "-c", code], capture_output=True, timeout=120)
         assert proc.returncode == 0, proc.stderr
+
+
+@pytest.mark.parametrize("length", [0x0380, 0x4B50, 0x0280])
+def test_a_header_length_that_looks_like_a_pickle_or_zip_is_still_safetensors(length, tmp_path):
+    """Found by the fuzz sweep: a header of 896 bytes starts the file with 0x80 0x03, a
+    pickle's first bytes; one of 19280 bytes with 'PK', a zip's."""
+    from kfac_cli import identify
+
+    meta = {"format": "kfac-cli/patches", "pad": ""}
+    path = tmp_path / "x.safetensors"
+    for _ in range(3):
+        save_file({"t": torch.zeros(2)}, path, metadata=meta)
+        n = struct.unpack("<Q", path.read_bytes()[:8])[0]
+        meta["pad"] += " " * (length - n)
+    assert struct.unpack("<Q", path.read_bytes()[:8])[0] == length
+    kind = identify(path)
+    assert (kind.kind, kind.format) == ("safetensors", "kfac-cli/patches")
+    assert invoke("info", path).returncode == 0

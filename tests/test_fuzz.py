@@ -223,10 +223,11 @@ def run_case(seed: int, tmp_path) -> None:
         assert p.dtype == dump[key].dtype
         if torch.isfinite(dump[key]).all():
             assert torch.isfinite(reduced[key]).all(), key
-        tol = {"rtol": 1e-2, "atol": 1e-2 * case.scale} if p.dtype == torch.float16 else {}
-        torch.testing.assert_close(
-            reduced[key].double(), p.double().mean(1), **(tol or {"rtol": 1e-5, "atol": 0})
-        )
+        # float rounding of a mean is relative to its summands, not to the mean
+        eps = 1e-3 if p.dtype == torch.float16 else 1e-5 if p.dtype == torch.float32 else 1e-13
+        summands = p.double().abs().amax(1)
+        err = (reduced[key].double() - p.double().mean(1)).abs()
+        assert bool((err <= eps * summands + 1e-300).all()), (key, float((err / summands).max()))
     w, y = _expand_oracle(model, conv_key, dump)
     got = patches[conv_key].double() @ w.flatten(1).T
     bound = (1e-2 if case.dtype == torch.float16 else 1e-5) * max(float(y.abs().max()), 1e-300)

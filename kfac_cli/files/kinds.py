@@ -139,19 +139,21 @@ def identify(path: Path | str) -> Kind:
             return Kind("stream" if str(path) == "-" or p.is_fifo() else "unknown")
         size = os.path.getsize(p)
         with open(p, "rb") as fh:
-            head = fh.read(8)
+            head = fh.read(9)
             if not head:
                 return Kind("empty")
+            if len(head) == 9 and head[8:9] == b"{":  # a header length, then its JSON: a
+                fh.seek(8)  # safetensors file, whatever its length's bytes look like
+                found = _safetensors_kind(fh, size, head[:8])
+                if found is not None:
+                    return found
+            fh.seek(8)
             if head.startswith(b"PK"):
                 return _zip_kind(p)
             if head[:1] == b"\x80" and head[1:2] in (b"\x02", b"\x03", b"\x04", b"\x05"):
                 return Kind("pickle")
             if head.lstrip()[:1] in (b"{", b"["):
                 return _json_kind(p, size)
-            if len(head) == 8:
-                found = _safetensors_kind(fh, size, head)
-                if found is not None:
-                    return found
     except OSError:
         return Kind("unknown")
     return Kind("unknown")
