@@ -558,10 +558,6 @@ def canonicalize(
             "untreated block).",
         ),
     ] = False,
-    keep_untreated: Annotated[
-        bool,
-        typer.Option("--keep-untreated", hidden=True, help="The default (kept for old scripts)."),
-    ] = False,
     layer: LayerGlobs = None,
     layout: Annotated[
         Layout,
@@ -626,8 +622,6 @@ def canonicalize(
             "with --inverse the layout options come from the file's metadata",
             param_hint="--inverse",
         )
-    if keep_untreated and not quiet:
-        err.print("Warning: --keep-untreated is the default now; it changes nothing", markup=False)
 
     def make(reporter):
         from kfac_cli.jobs.canonicalize import run_canonicalize, run_uncanonicalize
@@ -822,32 +816,30 @@ def factors(
         err.print("Note: `factors --merge` is now `kfac-cli merge FACTORS...`", markup=False)
 
     def make(reporter):
-        from kfac_cli.jobs.factors import run_factors, run_merge
+        from kfac_cli.jobs.factors import FactorsOptions, run_factors, run_merge
 
         if merge:
             return run_merge(inputs, output, eigh=eigh, force=force, reporter=reporter)
-        return run_factors(
-            inputs[0],
-            inputs[1:],
-            output,
-            grads=grads,
-            approx=approx.value,
-            fisher_type=fisher_type.value if fisher_type else None,
-            loss_reduction=loss_reduction.value if loss_reduction else None,
-            num_per_example_loss_terms=loss_terms,
+        options = FactorsOptions(
+            approx=approx,
+            fisher_type=fisher_type,
+            loss_reduction=loss_reduction,
+            loss_terms=loss_terms,
             mc_samples=mc_samples,
             separate_bias=separate_bias,
             eigh=eigh,
-            dtype=dtype.value if dtype else None,
+            dtype=dtype,
             device=device,
-            patterns=layer,
+            patterns=tuple(layer or ()),
             ignore_unknown=ignore_unknown,
             strict=strict,
             force=force,
             spec=spec,
             unsafe_pickle=unsafe_trust_pickle,
             timeout=timeout,
-            reporter=reporter,
+        )
+        return run_factors(
+            inputs[0], inputs[1:], output, grads=grads, options=options, reporter=reporter
         )
 
     _run_job("factors", debug, quiet, as_json, make)

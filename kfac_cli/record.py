@@ -41,14 +41,13 @@ from torch import Tensor, nn
 from kfac_cli import __version__
 from kfac_cli.enums import FisherType
 from kfac_cli.errors import KfacError
+from kfac_cli.files.kinds import ACTIVATIONS, GRADIENTS
 from kfac_cli.files.output import atomic_output
 from kfac_cli.files.writer import SafetensorsWriter
 
 LOSSES = (nn.MSELoss, nn.CrossEntropyLoss, nn.BCEWithLogitsLoss)
 LAYERS = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
-ACTIVATIONS_FORMAT = "kfac-cli/activations"
-GRADIENTS_FORMAT = "kfac-cli/output-gradients"
-VERSION = "1"
+VERSION = "1"  # of the dump formats (docs/formats.md)
 
 
 def hessian_sqrt(output: Tensor, target: Tensor, loss_func: nn.Module) -> Tensor:
@@ -217,7 +216,7 @@ def record(
             _write(
                 acts,
                 recorder.inputs,
-                {"format": ACTIVATIONS_FORMAT, "batch_size": str(batch), **provenance},
+                {"format": ACTIVATIONS, "batch_size": str(batch), **provenance},
                 force,
             )
             if not backward:
@@ -244,7 +243,7 @@ def record(
                     shape = (vectors, x_in.shape[0], *_output_shape(key, recorder, x_in))
                     grads[key] = x_in.new_zeros(shape)
             meta = {
-                "format": GRADIENTS_FORMAT,
+                "format": GRADIENTS,
                 "fisher_type": fisher.value,
                 "loss_reduction": loss_func.reduction,
                 "num_per_example_loss_terms": str(terms),

@@ -36,6 +36,8 @@ FORMATS = {
 }
 ACTIVATIONS, GRADIENTS = "kfac-cli/activations", "kfac-cli/output-gradients"
 CANONICAL, PARAMETERS, FACTORS = "kfac-cli/canonical", "kfac-cli/parameters", "kfac-cli/factors"
+PATCHES = "kfac-cli/patches"
+LAYOUT_VERSION = "1"  # of every kfac-cli output format (docs/formats.md)
 
 _DESCRIPTIONS = {
     "pt2": "a torch.export archive (a model)",

@@ -20,6 +20,7 @@ import torch
 
 from kfac_cli.errors import KfacError
 from kfac_cli.files.digest import PENDING
+from kfac_cli.files.kinds import CANONICAL, LAYOUT_VERSION, PARAMETERS
 from kfac_cli.files.safetensors import DTYPE_NAMES, DTYPES
 from kfac_cli.files.sources import Tensors, open_tensors
 from kfac_cli.jobs.pipeline import BufferPool, Prefetcher, view
@@ -177,7 +178,7 @@ def run_canonicalize(
         model_order = [n for n in table.parameters for n in [_key_of(table, n, names)] if n]
         listed = model_order + [n for n in names if n not in model_order]
         metadata = job.header(
-            "kfac-cli/canonical",
+            CANONICAL,
             layout=layout,
             columns=columns,
             batch_first=batch_first,
@@ -299,16 +300,19 @@ def _row_view(
 
 
 def _canonical_meta(path: object, metadata: dict[str, str]) -> tuple[dict, list, dict]:
-    if metadata.get("format") != "kfac-cli/canonical":
+    if metadata.get("format") != CANONICAL:
         raise KfacError(
             path,
             "__metadata__.format",
-            "'kfac-cli/canonical' (a file written by kfac-cli canonicalize)",
+            f"{CANONICAL!r} (a file written by kfac-cli canonicalize)",
             repr(metadata.get("format")),
         )
-    if metadata.get("layout_version") != "1":
+    if metadata.get("layout_version") != LAYOUT_VERSION:
         raise KfacError(
-            path, "__metadata__.layout_version", "'1'", repr(metadata.get("layout_version"))
+            path,
+            "__metadata__.layout_version",
+            repr(LAYOUT_VERSION),
+            repr(metadata.get("layout_version")),
         )
     try:
         blocks = json.loads(metadata["blocks"])
@@ -404,7 +408,7 @@ def run_uncanonicalize(
             for n, s in shapes.items()
         ]
         metadata = job.header(
-            "kfac-cli/parameters",
+            PARAMETERS,
             columns=opts["columns"],
             batch_first=opts["batch_first"],
             canonical=PENDING,

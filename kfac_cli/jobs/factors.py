@@ -10,21 +10,33 @@ from __future__ import annotations
 import json
 import math
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import partial
 from pathlib import Path
 
 import torch
 
-from kfac_cli.enums import FisherType, KFACType, LossReduction
+from kfac_cli.enums import ComputeDtype, FisherType, KFACType, LossReduction
 from kfac_cli.errors import KfacError
 from kfac_cli.files.digest import PENDING
+from kfac_cli.files.kinds import FACTORS, GRADIENTS
 from kfac_cli.files.sources import Tensors, fingerprint, open_tensors
 from kfac_cli.jobs.devices import resolve_device, resolve_dtype
 from kfac_cli.jobs.distributed import RankFailed, Ranks, ranks_from_env
-from kfac_cli.jobs.patches import check_input, layer_meta, select_keys
 from kfac_cli.jobs.pipeline import BufferPool, Prefetcher, view
-from kfac_cli.jobs.skeleton import CPU, Finite, Job, Plan, Reporter, chunks, model_ref
+from kfac_cli.jobs.skeleton import (
+    CPU,
+    FLOAT_DTYPES,
+    Finite,
+    Job,
+    Plan,
+    Reporter,
+    check_input,
+    chunks,
+    layer_meta,
+    model_ref,
+    select_keys,
+)
 from kfac_cli.models.load import load_layer_table
 from kfac_cli.models.table import Layer
 from kfac_cli.ops.eigh import factor_eigh
@@ -41,9 +53,6 @@ from kfac_cli.ops.factors import (
     sum_order,
 )
 
-FORMAT = "kfac-cli/factors"
-GRADIENTS_FORMAT = "kfac-cli/output-gradients"
-FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 WRITE_BYTES = 2 * 2**20  # rows of a factor made symmetric and reordered at a time
 
 
@@ -65,6 +74,87 @@ class Conventions:
         }
 
 
+@dataclass(frozen=True)
+class FactorsOptions:
+    """Everything ``factors`` takes besides its files: one value, built once (by the command
+    line, or from :func:`run_factors`' keywords) and passed down whole.
+
+    Attributes:
+        approx: ``expand`` or ``reduce``.
+        fisher_type, loss_reduction, loss_terms, mc_samples: What the gradient files do not
+            record (options that contradict them are errors); no ``fisher_type`` and no
+            gradient files means forward-only.
+        separate_bias: No ones column in ``A`` (weight and bias as separate blocks).
+        eigh: Also write each factor's eigendecomposition (computed in float64).
+        dtype: Accumulation and output dtype, ``float32`` or ``float64`` (default: float64
+            if the selected layers' dumps are, else float32: float16 and bfloat16 dumps
+            accumulate in float32).
+        device: Compute device.
+        patterns: Only layers matching these globs.
+        ignore_unknown: Skip dump keys that name no layer KFAC treats.
+        strict: Fail on NaN/Inf in the dumps (default: warn).
+        force: Replace an existing output.
+        spec: A state dict's layer spec.
+        unsafe_pickle: Allow unpickling a whole module.
+        timeout: Seconds to wait for a torchrun rank that stopped responding.
+
+    Raises:
+        KfacError: For a dtype factors cannot accumulate in, or an unknown enum value.
+    """
+
+    approx: KFACType = KFACType.EXPAND
+    fisher_type: FisherType | None = None
+    loss_reduction: LossReduction | None = None
+    loss_terms: int | None = None
+    mc_samples: int | None = None
+    separate_bias: bool = False
+    eigh: bool = False
+    dtype: ComputeDtype | None = None
+    device: str = "cpu"
+    patterns: tuple[str, ...] = ()
+    ignore_unknown: bool = False
+    strict: bool = False
+    force: bool = False
+    spec: Path | str | None = None
+    unsafe_pickle: bool = False
+    timeout: float = 300.0
+
+    def __post_init__(self) -> None:
+        try:  # enums stay enums; their values are accepted (the keyword API)
+            for name, enum in (
+                ("approx", KFACType),
+                ("fisher_type", FisherType),
+                ("loss_reduction", LossReduction),
+                ("dtype", ComputeDtype),
+            ):
+                value = getattr(self, name)
+                if value is not None:
+                    object.__setattr__(self, name, enum(value))
+        except ValueError as e:
+            raise KfacError(None, None, "a known option value", str(e)) from None
+        object.__setattr__(self, "patterns", tuple(self.patterns or ()))
+        if self.dtype not in (None, ComputeDtype.FLOAT32, ComputeDtype.FLOAT64):
+            raise KfacError(
+                None, "dtype", "float32 or float64 to accumulate factors in", self.dtype
+            )
+
+
+@dataclass
+class Inputs:
+    """A run's open dump files, activations and their output gradients (same order)."""
+
+    acts: list[Tensors]
+    grads: list[Tensors]
+
+    @property
+    def all(self) -> list[Tensors]:
+        return self.acts + self.grads
+
+    def close(self) -> None:
+        for src in self.all:
+            src.close()
+
+
 @dataclass
 class Work:
     """One layer's inputs: its dump keys, factor sizes and row counts."""
@@ -77,13 +167,7 @@ class Work:
     grad_rows: int = 0
 
 
-def conventions(
-    grads: list[Tensors],
-    fisher_type: str | None,
-    loss_reduction: str | None,
-    terms: int | None,
-    mc_samples: int | None,
-) -> Conventions:
+def conventions(grads: list[Tensors], opts: FactorsOptions) -> Conventions:
     """The conventions the gradient files record, checked against the options given.
 
     Raises:
@@ -91,15 +175,15 @@ def conventions(
             that the files do not answer and nobody gave.
     """
     if not grads:
-        given = FisherType(fisher_type or FisherType.FORWARD_ONLY)
+        given = opts.fisher_type or FisherType.FORWARD_ONLY
         if given is not FisherType.FORWARD_ONLY:
             raise KfacError(None, "grads", f"output-gradient dumps for fisher type {given}", "none")
         return Conventions(given)
     options = {
-        "fisher_type": fisher_type,
-        "loss_reduction": loss_reduction,
-        "num_per_example_loss_terms": terms,
-        "mc_samples": mc_samples,
+        "fisher_type": opts.fisher_type,
+        "loss_reduction": opts.loss_reduction,
+        "num_per_example_loss_terms": opts.loss_terms,
+        "mc_samples": opts.mc_samples,
     }
     found: dict[str, object] = {}
     recorded = {k for k in options if k in grads[0].metadata}
@@ -113,9 +197,9 @@ def conventions(
                 f"({', '.join(sorted(recorded)) or 'none'})",
                 ", ".join(sorted(k for k in options if k in meta)) or "none",
             )
-        if meta and meta.get("format") != GRADIENTS_FORMAT:
+        if meta and meta.get("format") != GRADIENTS:
             raise KfacError(
-                src.path, "__metadata__.format", repr(GRADIENTS_FORMAT), repr(meta.get("format"))
+                src.path, "__metadata__.format", repr(GRADIENTS), repr(meta.get("format"))
             )
         for key, option in options.items():
             value = meta.get(key)
@@ -191,23 +275,9 @@ def run_factors(
     out: str,
     *,
     grads: list[Path | str] | None = None,
-    approx: str = "expand",
-    fisher_type: str | None = None,
-    loss_reduction: str | None = None,
-    num_per_example_loss_terms: int | None = None,
-    mc_samples: int | None = None,
-    separate_bias: bool = False,
-    eigh: bool = False,
-    dtype: str | None = None,
-    device: str = "cpu",
-    patterns: list[str] | None = None,
-    ignore_unknown: bool = False,
-    strict: bool = False,
-    force: bool = False,
-    spec: Path | str | None = None,
-    unsafe_pickle: bool = False,
-    timeout: float = 300.0,
+    options: FactorsOptions | None = None,
     reporter: Reporter | None = None,
+    **settings: object,
 ) -> dict:
     """Compute each layer's Kronecker factors ``A`` and ``G`` from dumps; write them.
 
@@ -216,22 +286,8 @@ def run_factors(
         activations: Activation dumps, each holding whole samples (at most one ``-``).
         out: The output file, or ``-``.
         grads: The matching output-gradient dumps, one per activation dump.
-        approx: ``expand`` or ``reduce``.
-        fisher_type, loss_reduction, num_per_example_loss_terms, mc_samples: What the
-            gradient files do not record (options that contradict them are errors).
-        separate_bias: No ones column in ``A`` (weight and bias as separate blocks).
-        eigh: Also write each factor's eigendecomposition (computed in float64).
-        dtype: Accumulation and output dtype, ``float32`` or ``float64`` (default: float64
-            if the selected layers' dumps are, else float32: float16 and bfloat16 dumps
-            accumulate in float32).
-        device: Compute device.
-        patterns: Only layers matching these globs.
-        ignore_unknown: Skip dump keys that name no layer KFAC treats.
-        strict: Fail on NaN/Inf in the dumps (default: warn).
-        force: Replace an existing output.
-        spec: A state dict's layer spec.
-        unsafe_pickle: Allow unpickling a whole module.
-        timeout: Seconds to wait for a torchrun rank that stopped responding.
+        options: Every other setting (:class:`FactorsOptions`), or them as keywords
+            (``approx="reduce"``, ``separate_bias=True``, ...).
         reporter: Progress and warnings.
 
     Returns:
@@ -240,35 +296,15 @@ def run_factors(
     Raises:
         KfacError: For bad inputs (nothing is written).
     """
-    if dtype not in (None, "float32", "float64"):
-        raise KfacError(None, "dtype", "float32 or float64 to accumulate factors in", dtype)
-    ranks = ranks_from_env(resolve_device(device), timeout)
-    if ranks.world > 1 and device in ("cuda", "auto") and resolve_device(device).type == "cuda":
-        device = f"cuda:{ranks.local_rank}"  # one GPU per rank
+    if options is not None and settings:
+        raise TypeError("give options or keyword settings, not both")
+    opts = options or FactorsOptions(**settings)  # type: ignore[arg-type]
+    ranks = ranks_from_env(resolve_device(opts.device), opts.timeout)
+    on_gpus = opts.device in ("cuda", "auto") and resolve_device(opts.device).type == "cuda"
+    if ranks.world > 1 and on_gpus:  # one GPU per rank
+        opts = replace(opts, device=f"cuda:{ranks.local_rank}")
     try:
-        return _run(
-            ranks,
-            model,
-            activations,
-            out,
-            grads=grads or [],
-            approx=KFACType(approx),
-            fisher_type=fisher_type,
-            loss_reduction=loss_reduction,
-            terms=num_per_example_loss_terms,
-            mc_samples=mc_samples,
-            separate_bias=separate_bias,
-            eigh=eigh,
-            dtype=dtype,
-            device=device,
-            patterns=patterns,
-            ignore_unknown=ignore_unknown,
-            strict=strict,
-            force=force,
-            spec=spec,
-            unsafe_pickle=unsafe_pickle,
-            reporter=reporter,
-        )
+        return _run(ranks, model, activations, out, grads or [], opts, reporter)
     except BaseException as e:
         if not isinstance(e, RankFailed) and not ranks.fail(e):
             raise RankFailed("another rank failed first") from None
@@ -295,157 +331,120 @@ def _open_all(paths: list[Path | str], role: str) -> list[Tensors]:
     return sources
 
 
-def _run(
-    ranks: Ranks,
-    model,
-    activations,
-    out,
-    *,
-    grads,
-    approx,
-    fisher_type,
-    loss_reduction,
-    terms,
-    mc_samples,
-    separate_bias,
-    eigh,
-    dtype,
-    device,
-    patterns,
-    ignore_unknown,
-    strict,
-    force,
-    spec,
-    unsafe_pickle,
-    reporter,
-) -> dict:
+def _run(ranks: Ranks, model, activations, out, grads, opts: FactorsOptions, reporter) -> dict:
+    dtype = opts.dtype.value if opts.dtype else None
     job = Job(
         "factors",
         out,
-        force=force,
-        device=device,
+        force=opts.force,
+        device=opts.device,
         dtype=dtype,
         reporter=reporter,
         writer=ranks.writer,
     )
-    table = load_layer_table(model, spec, unsafe_pickle)
+    table = load_layer_table(model, opts.spec, opts.unsafe_pickle)
     if grads and len(grads) != len(activations):
-        raise KfacError(
-            None,
-            "grads",
-            f"{len(activations)} gradient dumps, one per activation dump",
-            str(len(grads)),
-        )
-    acts = _open_all(activations, "activations")
-    grad_srcs: list[Tensors] = []
+        expected = f"{len(activations)} gradient dumps, one per activation dump"
+        raise KfacError(None, "grads", expected, str(len(grads)))
+    inputs = Inputs(_open_all(activations, "activations"), [])
     try:
-        grad_srcs = _open_all(grads, "grads")
-        if sum(s.sequential for s in acts + grad_srcs) > 1:
+        inputs.grads = _open_all(grads, "grads")
+        if sum(s.sequential for s in inputs.all) > 1:
             raise KfacError("-", None, "at most one input stream", "more")
-        conv = conventions(grad_srcs, fisher_type, loss_reduction, terms, mc_samples)
-        works, batches = _plan(
-            table, acts, grad_srcs, model, patterns, ignore_unknown, separate_bias, approx, job
-        )
-        n = sum(batches)
-        if n == 0:
-            raise KfacError(acts[0].path, None, "at least one sample", "0")
-        if job.cast is None:  # the dumps' own precision, never narrower than float32
-            wide = any(
-                s.infos[k].dtype == torch.float64 for s in acts for w in works for k in w.keys
-            )
-            job.cast = torch.float64 if wide else torch.float32
-        dtype = str(job.cast).removeprefix("torch.")
-        forward_only = conv.fisher_type is FisherType.FORWARD_ONLY
-        if forward_only and not fisher_type:
-            job.reporter.note(
-                "no output-gradient dumps given: writing forward-only factors (A only; G is "
-                "the identity)"
-            )
-        stream = next((s for s in acts + grad_srcs if s.sequential), None)
-        if stream is not None:
-            first = {w.layer.name: min(stream.infos[k].begin for k in w.keys) for w in works}
-            works.sort(key=lambda w: first[w.layer.name])
-        plans = _plans(works, job.cast, forward_only, eigh)
-        fields = dict(
-            approx=approx.value,
-            conventions=conv.to_json(),
-            separate_bias=separate_bias,
-            num_data=n,
-            dtype=dtype,
-            eigh=eigh,
-            model=model_ref(model) if ranks.writer else {},
-            activations=[PENDING] * len(acts),
-            grads=[PENDING] * len(grad_srcs),
-            layers={w.layer.name: _layer_meta(w, acts, separate_bias, forward_only) for w in works},
-        )
-        metadata = factors_header(job, **fields)
-
-        def commit() -> dict[str, str] | None:
-            prints = _finish_fingerprinted(acts + grad_srcs, ranks)
-            if prints is None:
-                return None
-            final = {**fields, "activations": prints[: len(acts)], "grads": prints[len(acts) :]}
-            return factors_header(job, **final)
-
-        accumulate = _Accumulator(
-            job, acts, grad_srcs, works, batches, approx, conv, strict, ranks, separate_bias, eigh
-        )
-        try:
-            if ranks.writer:
-                written = job.write(plans, metadata, accumulate.produce, before_commit=commit)
-                ranks.publish()
-            else:
-                for plan in plans:
-                    accumulate.produce(plan, lambda *a, **k: None)
-                commit()
-                ranks.await_writer()
-                written = 0
-        finally:
-            accumulate.close()
+        conv = conventions(inputs.grads, opts)
+        works, batches = _plan(table, inputs, model, opts, job)
+        fields = _fields(job, inputs, works, batches, conv, opts)
+        fields["model"] = model_ref(model) if ranks.writer else {}
+        plans = _plans(works, job.cast, conv.fisher_type is FisherType.FORWARD_ONLY, opts.eigh)
+        accumulate = _Accumulator(job, inputs, works, batches, conv, opts, ranks)
+        written = _stream(job, inputs, plans, fields, accumulate, ranks)
     finally:
-        for src in acts + grad_srcs:
-            src.close()
+        inputs.close()
     extra = {"ranks": ranks.world, "communication_seconds": round(ranks.waited, 4)}
     return job.summary(
         plans,
         written,
         items="factors",
-        num_data=n,
+        num_data=fields["num_data"],
         **conv.to_json(),
-        forward_only=forward_only,
-        dtype=dtype,
+        forward_only=conv.fisher_type is FisherType.FORWARD_ONLY,
+        dtype=fields["dtype"],
         **(extra if ranks.world > 1 else {}),
     )
 
 
-def factors_header(
-    job: Job,
-    *,
-    approx,
-    conventions,
-    separate_bias,
-    num_data,
-    dtype,
-    eigh,
-    model,
-    activations,
-    grads,
-    layers,
-) -> dict[str, str]:
-    """The factors file's metadata, in one order (runs and merges give the same bytes)."""
-    return job.header(
-        FORMAT,
-        approx=approx,
-        **conventions,
-        separate_bias=separate_bias,
-        num_data=num_data,
-        dtype=dtype,
-        eigh=eigh,
-        model=model,
-        activations=activations,
-        grads=grads,
-        layers=layers,
+def _fields(job: Job, inputs: Inputs, works, batches, conv: Conventions, opts) -> dict:
+    """The factors file's metadata fields (fingerprints :data:`PENDING`); sets the job's
+    accumulation dtype (the dumps' own precision, never narrower than float32) and says
+    when it writes forward-only factors without being asked to."""
+    n = sum(batches)
+    if n == 0:
+        raise KfacError(inputs.acts[0].path, None, "at least one sample", "0")
+    if job.cast is None:
+        wide = any(
+            s.infos[k].dtype == torch.float64 for s in inputs.acts for w in works for k in w.keys
+        )
+        job.cast = torch.float64 if wide else torch.float32
+    forward_only = conv.fisher_type is FisherType.FORWARD_ONLY
+    if forward_only and not opts.fisher_type:
+        job.reporter.note(
+            "no output-gradient dumps given: writing forward-only factors (A only; G is "
+            "the identity)"
+        )
+    stream = next((s for s in inputs.all if s.sequential), None)
+    if stream is not None:  # layers in the order their bytes arrive
+        first = {w.layer.name: min(stream.infos[k].begin for k in w.keys) for w in works}
+        works.sort(key=lambda w: first[w.layer.name])
+    return dict(
+        approx=opts.approx.value,
+        conventions=conv.to_json(),
+        separate_bias=opts.separate_bias,
+        num_data=n,
+        dtype=str(job.cast).removeprefix("torch."),
+        eigh=opts.eigh,
+        model={},
+        activations=[PENDING] * len(inputs.acts),
+        grads=[PENDING] * len(inputs.grads),
+        layers={
+            w.layer.name: _layer_meta(w, inputs.acts, opts.separate_bias, forward_only)
+            for w in works
+        },
     )
+
+
+def _stream(job: Job, inputs: Inputs, plans, fields: dict, accumulate, ranks: Ranks) -> int:
+    """Sum every layer and write the factors (the writer rank), or sum this rank's share
+    and wait for the writer (the others); the bytes written."""
+
+    def commit() -> dict[str, str] | None:
+        prints = _finish_fingerprinted(inputs.all, ranks)
+        if prints is None:
+            return None
+        n = len(inputs.acts)
+        return factors_header(job, {**fields, "activations": prints[:n], "grads": prints[n:]})
+
+    try:
+        if ranks.writer:
+            written = job.write(plans, factors_header(job, fields), accumulate.produce, commit)
+            ranks.publish()
+            return written
+        for plan in plans:
+            accumulate.produce(plan, lambda *a, **k: None)
+        commit()
+        ranks.await_writer()
+        return 0
+    finally:
+        accumulate.close()
+
+
+def factors_header(job: Job, fields: dict) -> dict[str, str]:
+    """The factors file's metadata, in one order (runs and merges give the same bytes):
+    ``fields`` holds approx, conventions, separate_bias, num_data, dtype, eigh, model,
+    activations, grads and layers."""
+    order = ("approx", "separate_bias", "num_data", "dtype", "eigh", "model", "activations",
+             "grads", "layers")  # fmt: skip
+    f = {k: fields[k] for k in order}
+    return job.header(FACTORS, approx=f.pop("approx"), **fields["conventions"], **f)
 
 
 def _finish(sources: list[Tensors], ranks: Ranks) -> None:
@@ -466,11 +465,14 @@ def _finish_fingerprinted(sources: list[Tensors], ranks: Ranks) -> list[str] | N
     return prints
 
 
-def _plan(table, acts, grads, model, patterns, ignore_unknown, separate_bias, approx, job):
+def _plan(table, inputs: Inputs, model, opts: FactorsOptions, job: Job):
     """Which layers, under which keys, from which files; checked against each other."""
+    acts, grads, approx, separate_bias = inputs.acts, inputs.grads, opts.approx, opts.separate_bias
     keys_of: list[list[str]] = []
     for src in acts:
-        keys_of.append(select_keys(table, src, model, patterns, ignore_unknown, job.reporter))
+        keys_of.append(
+            select_keys(table, src, model, list(opts.patterns), opts.ignore_unknown, job.reporter)
+        )
     first = set(keys_of[0])
     for src, keys in zip(acts[1:], keys_of[1:]):
         if set(keys) != first:
@@ -517,7 +519,7 @@ def _plan(table, acts, grads, model, patterns, ignore_unknown, separate_bias, ap
                     f"output gradients of shape {list(want)} [V, B, ...]",
                     f"{list(info.shape)}",
                 )
-            if info.dtype not in FLOATS:
+            if info.dtype not in FLOAT_DTYPES:
                 raise KfacError(src.path, key, "a floating-point dtype", str(info.dtype))
             work = works[layer.name]
             o = 1 if approx is KFACType.REDUCE else locations(shape, layer.conv)
@@ -578,14 +580,14 @@ class _Accumulator:
     """Reads, folds and scales one layer at a time, in the order of the plans."""
 
     def __init__(
-        self, job, acts, grads, works, batches, approx, conv, strict, ranks, separate_bias, eigh
+        self, job: Job, inputs: Inputs, works, batches, conv: Conventions, opts, ranks
     ) -> None:
-        self.job, self.acts, self.grads = job, acts, grads
+        self.job, self.acts, self.grads = job, inputs.acts, inputs.grads
         self.batches, self.n, self.units = batches, sum(batches), ranks.share(batches)
         self.works = {w.layer.name: w for w in works}
-        self.approx, self.conv = approx, conv
-        self.ranks, self.separate_bias, self.eigh = ranks, separate_bias, eigh
-        self.finite = {id(src): Finite(src.path, strict, job.reporter) for src in acts + grads}
+        self.approx, self.conv = opts.approx, conv
+        self.ranks, self.separate_bias, self.eigh = ranks, opts.separate_bias, opts.eigh
+        self.finite = {id(src): Finite(src.path, opts.strict, job.reporter) for src in inputs.all}
         self.dtype = job.cast or torch.float32
         self.stage = job.stage()
         self.done: dict[str, torch.Tensor] = {}
@@ -811,40 +813,16 @@ def run_merge(
     each file's ``N``; ``G`` of a ``sum`` loss is a plain sum; counts add up.
 
     Raises:
-        KfacError: For files of different models, approximations or conventions.
+        KfacError: For files of different models, approximations or conventions, or files
+            that share data (:func:`_check_disjoint`).
     """
-    job = Job("factors --merge", out, force=force, reporter=reporter)
+    job = Job("merge", out, force=force, reporter=reporter)
     sources = _open_all(inputs, "factors")
     try:
         metas = [_factor_meta(src) for src in sources]
-        first = metas[0]
-        same = ("approx", *_CONVENTIONS, "separate_bias", "dtype", "layout_version")
-        for src, meta in zip(sources[1:], metas[1:]):
-            for key in same:
-                if meta[key] != first[key]:
-                    raise KfacError(
-                        src.path, key, f"{first[key]} as in {sources[0].path}", str(meta[key])
-                    )
-            if set(meta["layers"]) != set(first["layers"]):
-                odd = sorted(set(meta["layers"]) ^ set(first["layers"]))[0]
-                raise KfacError(src.path, odd, f"the layers of {sources[0].path}", "others")
-            for name, layer in meta["layers"].items():
-                mine = {k: v for k, v in layer.items() if k not in _COUNTS}
-                theirs = {k: v for k, v in first["layers"][name].items() if k not in _COUNTS}
-                if mine != theirs:
-                    odd = next(
-                        k for k in sorted(set(mine) | set(theirs)) if mine.get(k) != theirs.get(k)
-                    )
-                    raise KfacError(
-                        src.path,
-                        f"{name}.{odd}",
-                        f"{theirs.get(odd)} as in {sources[0].path}",
-                        str(mine.get(odd)),
-                    )
-        _check_disjoint(sources, metas)
-        n = sum(m["num_data"] for m in metas)
+        _check_mergeable(sources, metas)
         try:
-            dtype = resolve_dtype(first["dtype"])
+            dtype = resolve_dtype(metas[0]["dtype"])
         except KfacError as e:
             raise e.with_context(sources[0].path) from None
         factor_keys = [k for k in sources[0].infos if k.endswith((".A", ".G"))]
@@ -859,50 +837,97 @@ def run_merge(
             if eigh:
                 plans.append(Plan(f"{key}.eigenvalues", dtype, sizes[key][:1]))
                 plans.append(Plan(f"{key}.eigenvectors", dtype, sizes[key]))
-        layers = {}
-        for name, layer in first["layers"].items():
-            merged = dict(layer)
-            for count in ("rows", "gradient_rows"):
-                merged[count] = sum(m["layers"][name][count] for m in metas)
-            merged["input_shapes"] = [s for m in metas for s in m["layers"][name]["input_shapes"]]
-            layers[name] = merged
-        metadata = factors_header(
-            job,
-            approx=first["approx"],
-            conventions={k: first[k] for k in _CONVENTIONS},
-            separate_bias=first["separate_bias"],
-            num_data=n,
-            dtype=first["dtype"],
-            eigh=eigh,
-            model=first["model"],
-            activations=[a for m in metas for a in m["activations"]],
-            grads=[g for m in metas for g in m["grads"]],
-            layers=layers,
-        )
-        weighted = first["fisher_type"] == "forward-only" or first["loss_reduction"] == "mean"
-        done: dict[str, torch.Tensor] = {}
-
-        def produce(plan: Plan, put) -> None:
-            if plan.key not in done:
-                base = plan.key.removesuffix(".eigenvalues").removesuffix(".eigenvectors")
-                total = torch.zeros(sizes[base], dtype=torch.float64)
-                for src, meta in zip(sources, metas):
-                    value = src.read(base).double()
-                    average = base.endswith(".A") or weighted
-                    total += value * (meta["num_data"] / n if average else 1.0)
-                done[base] = mirror_(total)
-                if eigh:
-                    vals, vecs = factor_eigh(done[base], None, base)
-                    done[f"{base}.eigenvalues"], done[f"{base}.eigenvectors"] = vals, vecs
-            put(plan.key, done.pop(plan.key).to(plan.dtype))
-
+        fields = _merged_fields(metas, eigh)
+        produce = _merger(sources, metas, sizes, eigh)
         written = job.write(
-            plans, metadata, produce, before_commit=lambda: _finish(sources, Ranks())
+            plans, factors_header(job, fields), produce, lambda: _finish(sources, Ranks())
         )
     finally:
         for src in sources:
             src.close()
-    return job.summary(plans, written, items="factors", num_data=n)
+    return job.summary(plans, written, items="factors", num_data=fields["num_data"])
+
+
+def _check_mergeable(sources: list[Tensors], metas: list[dict]) -> None:
+    """Files of one model, approximation, conventions and dtype, of disjoint data.
+
+    Raises:
+        KfacError: Naming the first file and key that differ.
+    """
+    first = metas[0]
+    same = ("approx", *_CONVENTIONS, "separate_bias", "dtype", "layout_version")
+    for src, meta in zip(sources[1:], metas[1:]):
+        for key in same:
+            if meta[key] != first[key]:
+                raise KfacError(
+                    src.path, key, f"{first[key]} as in {sources[0].path}", str(meta[key])
+                )
+        if set(meta["layers"]) != set(first["layers"]):
+            odd = sorted(set(meta["layers"]) ^ set(first["layers"]))[0]
+            raise KfacError(src.path, odd, f"the layers of {sources[0].path}", "others")
+        for name, layer in meta["layers"].items():
+            mine = {k: v for k, v in layer.items() if k not in _COUNTS}
+            theirs = {k: v for k, v in first["layers"][name].items() if k not in _COUNTS}
+            if mine != theirs:
+                odd = next(
+                    k for k in sorted(set(mine) | set(theirs)) if mine.get(k) != theirs.get(k)
+                )
+                raise KfacError(
+                    src.path,
+                    f"{name}.{odd}",
+                    f"{theirs.get(odd)} as in {sources[0].path}",
+                    str(mine.get(odd)),
+                )
+    _check_disjoint(sources, metas)
+
+
+def _merged_fields(metas: list[dict], eigh: bool) -> dict:
+    """The merged file's metadata fields: counts added, lists concatenated."""
+    first = metas[0]
+    layers = {}
+    for name, layer in first["layers"].items():
+        merged = dict(layer)
+        for count in ("rows", "gradient_rows"):
+            merged[count] = sum(m["layers"][name][count] for m in metas)
+        merged["input_shapes"] = [s for m in metas for s in m["layers"][name]["input_shapes"]]
+        layers[name] = merged
+    return dict(
+        approx=first["approx"],
+        conventions={k: first[k] for k in _CONVENTIONS},
+        separate_bias=first["separate_bias"],
+        num_data=sum(m["num_data"] for m in metas),
+        dtype=first["dtype"],
+        eigh=eigh,
+        model=first["model"],
+        activations=[a for m in metas for a in m["activations"]],
+        grads=[g for m in metas for g in m["grads"]],
+        layers=layers,
+    )
+
+
+def _merger(sources: list[Tensors], metas: list[dict], sizes: dict, eigh: bool):
+    """``produce`` for :meth:`Job.write`: each factor summed over the files in float64,
+    weighted by ``N`` where it is an average (``A``; ``G`` of a mean loss)."""
+    n = sum(m["num_data"] for m in metas)
+    first = metas[0]
+    weighted = first["fisher_type"] == "forward-only" or first["loss_reduction"] == "mean"
+    done: dict[str, torch.Tensor] = {}
+
+    def produce(plan: Plan, put) -> None:
+        if plan.key not in done:
+            base = plan.key.removesuffix(".eigenvalues").removesuffix(".eigenvectors")
+            total = torch.zeros(sizes[base], dtype=torch.float64)
+            for src, meta in zip(sources, metas):
+                value = src.read(base).double()
+                average = base.endswith(".A") or weighted
+                total += value * (meta["num_data"] / n if average else 1.0)
+            done[base] = mirror_(total)
+            if eigh:
+                vals, vecs = factor_eigh(done[base], None, base)
+                done[f"{base}.eigenvalues"], done[f"{base}.eigenvectors"] = vals, vecs
+        put(plan.key, done.pop(plan.key).to(plan.dtype))
+
+    return produce
 
 
 def _check_disjoint(sources: list[Tensors], metas: list[dict]) -> None:
@@ -931,8 +956,8 @@ _CONVENTIONS = ("fisher_type", "loss_reduction", "num_per_example_loss_terms", "
 
 def _factor_meta(src: Tensors) -> dict:
     meta = src.metadata
-    if meta.get("format") != FORMAT:
-        raise KfacError(src.path, "__metadata__.format", repr(FORMAT), repr(meta.get("format")))
+    if meta.get("format") != FACTORS:
+        raise KfacError(src.path, "__metadata__.format", repr(FACTORS), repr(meta.get("format")))
     try:
         out = {k: meta[k] for k in ("approx", "fisher_type", "dtype", "model", "layout_version")}
         out["loss_reduction"] = None if meta["loss_reduction"] == "null" else meta["loss_reduction"]

@@ -10,7 +10,7 @@ import torch
 from kfac_cli.enums import KFACType
 from kfac_cli.errors import KfacError
 from kfac_cli.files.digest import PENDING
-from kfac_cli.files.safetensors import DTYPE_NAMES
+from kfac_cli.files.kinds import PATCHES
 from kfac_cli.files.sources import Tensors, open_tensors
 from kfac_cli.jobs.pipeline import BufferPool, Prefetcher, shares_memory, view
 from kfac_cli.jobs.skeleton import (
@@ -19,18 +19,19 @@ from kfac_cli.jobs.skeleton import (
     Job,
     Plan,
     Reporter,
+    check_input,
+    check_sums,
     chunks,
+    layer_meta,
     model_ref,
-    near,
     order,
     release_all,
     sealed,
+    select_keys,
 )
 from kfac_cli.models.load import load_layer_table
-from kfac_cli.models.table import Layer, LayerTable, matches
+from kfac_cli.models.table import Layer
 from kfac_cli.ops.patches import layer_patches, output_shape
-
-FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
 def run_patches(
@@ -84,7 +85,7 @@ def run_patches(
             _plan(key, table.layer(key), src, model, approx, bias_column, job.cast) for key in keys
         ]
         metadata = job.header(
-            "kfac-cli/patches",
+            PATCHES,
             approx=approx.value,
             bias_column=bias_column,
             model=model_ref(model),
@@ -145,52 +146,6 @@ def run_patches(
     return job.summary(plans, written, items="layers", approx=approx.value)
 
 
-def select_keys(
-    table: LayerTable,
-    src: Tensors,
-    model: object,
-    patterns: list[str] | None,
-    ignore_unknown: bool,
-    reporter: Reporter,
-) -> list[str]:
-    """The dump keys to use, in table order (a stream: in data order).
-
-    Every key must name a layer KFAC treats (a calling module, or ``<module>#<k>`` for
-    the k-th extra call), or be skipped with ``ignore_unknown``; at least one must remain.
-
-    Raises:
-        KfacError: For a key that names no layer (or a layer KFAC cannot treat, saying
-            why), or a selection with no layer in it.
-    """
-    names = [n for la in table.layers for n in la.names]
-    for key in src.infos:
-        if table.layer(key) is not None:
-            continue
-        untreated = table.untreated_layer(key)
-        if untreated is not None:
-            expected, found = "a layer KFAC treats", f"{untreated['op']}: {untreated['reason']}"
-        else:
-            expected, found = f"a layer of {model}{near(key, names)}", "no such layer"
-        if not ignore_unknown:
-            raise KfacError(src.path, key, expected, found, fix="ignore_unknown")
-        reporter.warn(f"{KfacError(src.path, key, expected, found).line()}; skipped")
-    rank = {la.name: i for i, la in enumerate(table.layers)}
-    selected = [
-        k
-        for k in src.infos
-        if (layer := table.layer(k)) is not None
-        and (not patterns or any(matches(n, patterns) for n in layer.names))
-    ]
-    if not selected:
-        what = f"a layer matching {' or '.join(patterns)}" if patterns else "a layer's input"
-        found = "no tensors" if not src.infos else "none"
-        raise KfacError(src.path, None, what, found)
-    selected.sort(key=lambda k: rank[table.layer(k).name])
-    keys = src.order(selected)
-    src.expect(keys)
-    return keys
-
-
 def batch_reads(src: Tensors, keys: list[str], row_chunks: dict[str, list[tuple[int, int]]]):
     """``(nbytes, read)`` of every batch chunk of every key, in order (for a Prefetcher)."""
     for key in keys:
@@ -203,76 +158,6 @@ def batch_reads(src: Tensors, keys: list[str], row_chunks: dict[str, list[tuple[
                     r[2] - r[1], *s[1:]
                 ),
             )
-
-
-def check_sums(y: torch.Tensor, key: str, bad_inputs: bool, file: object) -> None:
-    """Sums of finite inputs that came out NaN/Inf overflowed their dtype: one error naming
-    the layer and the wider ``dtype`` that fixes it (NaN/Inf inputs follow ``strict``).
-
-    Raises:
-        KfacError: For a non-finite ``y`` from finite inputs.
-    """
-    if bad_inputs or bool(torch.isfinite(y).all()):
-        return
-    wider = "float32" if y.dtype in (torch.float16, torch.bfloat16) else "float64"
-    raise KfacError(
-        file,
-        key,
-        f"sums that fit {str(y.dtype).removeprefix('torch.')}",
-        "NaN/Inf from finite inputs (an overflow)",
-        fix=f"dtype_{wider}",
-    )
-
-
-def check_input(
-    key: str, layer: Layer, shape: tuple[int, ...], dtype: torch.dtype, file: object, model: object
-) -> None:
-    """A layer input ``[B, C_in, *I]`` (conv) or ``[B, ..., d_in]`` (linear) of a float
-    dtype that fits the layer.
-
-    Raises:
-        KfacError: Naming the file, the key, and the expected versus found shape or dtype.
-    """
-    if dtype not in FLOAT_DTYPES:
-        raise KfacError(
-            file,
-            key,
-            "float16/bfloat16/float32/float64 (or a compute dtype)",
-            f"dtype {DTYPE_NAMES.get(dtype, dtype)}",
-            fix="dtype",
-        )
-    params = layer.require_conv(model) if layer.is_conv else None
-    c_in = layer.weight_shape[1] * (params.groups if params else 1)
-    if params is not None:
-        n = params.ndim
-        if len(shape) != n + 2:
-            dims = ", ".join(["B", "C_in", *(f"I{i + 1}" for i in range(n))])
-            raise KfacError(
-                file, key, f"a rank-{n + 2} {layer.kind} input [{dims}]", f"shape {list(shape)}"
-            )
-        if shape[1] != c_in:
-            raise KfacError(
-                file,
-                key,
-                f"C_in={c_in} channels (weight {list(layer.weight_shape)}, groups {params.groups})",
-                f"{shape[1]} in shape {list(shape)}",
-            )
-    elif len(shape) < 2 or shape[-1] != c_in:
-        raise KfacError(file, key, f"a linear input [B, ..., {c_in}]", f"shape {list(shape)}")
-
-
-def layer_meta(layer: Layer, shape: tuple[int, ...]) -> dict:
-    """What an output records of the layer an input belongs to."""
-    meta = {
-        "kind": layer.kind,
-        "input_shape": list(shape),
-        "weight": layer.weight,
-        "bias": layer.bias,
-        "weight_shape": list(layer.weight_shape),
-    }
-    if layer.conv is not None:
-        meta.update(layer.conv.to_json())
-    return meta
 
 
 def _plan(

@@ -122,28 +122,6 @@ class BackgroundWriter:
         self._thread.join()
 
 
-class InlineWriter:
-    """The :class:`BackgroundWriter` interface, writing in the caller's thread."""
-
-    def __init__(self, writer: SafetensorsWriter) -> None:
-        self._writer = writer
-
-    def put(self, key: str, tensor: Tensor, event=None, done=None) -> None:
-        if event is not None:
-            event.synchronize()
-        try:
-            self._writer.write(key, tensor)
-        finally:
-            if done is not None:
-                done()
-
-    def close(self) -> None:
-        self._writer.close()
-
-    def abort(self) -> None:
-        pass
-
-
 class Prefetcher:
     """Runs reads in a fixed order on a thread, a few ahead of the consumer.
 

@@ -23,13 +23,15 @@ import torch
 from kfac_cli import __version__
 from kfac_cli.errors import KfacError
 from kfac_cli.files.digest import file_fingerprint
+from kfac_cli.files.kinds import LAYOUT_VERSION
 from kfac_cli.files.output import atomic_output, check_target
+from kfac_cli.files.safetensors import DTYPE_NAMES
 from kfac_cli.files.sources import Tensors, fingerprint
 from kfac_cli.files.writer import SafetensorsWriter
 from kfac_cli.jobs.devices import resolve_device, resolve_dtype
-from kfac_cli.jobs.pipeline import BackgroundWriter, DeviceStage, InlineWriter
+from kfac_cli.jobs.pipeline import BackgroundWriter, DeviceStage
+from kfac_cli.models.table import Layer, LayerTable, matches
 
-LAYOUT_VERSION = "1"
 CHUNK_BYTES = 8 * 2**20  # output bytes per batch chunk: large enough to amortise, small enough
 GPU_CHUNK_FACTOR = 8  # larger chunks on a GPU: fewer launches and transfers
 CPU = torch.device("cpu")
@@ -114,15 +116,13 @@ class Job:
         metadata: dict[str, str],
         produce: Callable[[Plan, Callable], None],
         before_commit: Callable[[], dict[str, str] | None] = lambda: None,
-        background: bool = True,
     ) -> int:
         """Stream every plan's tensor into the output, atomically; the bytes written.
 
         ``produce(plan, put)`` computes a plan's tensor, whole or in chunks of its first
         axis, and hands each to ``put(key, tensor, event=None, done=None)``; a background
         thread writes them in order (and calls ``done`` after each), overlapping I/O with
-        compute (``background=False``: ``put`` writes before it returns, so nothing is
-        held). ``before_commit`` runs after the last byte, before the output appears
+        compute. ``before_commit`` runs after the last byte, before the output appears
         (e.g. to check that an input stream ended where its header said); it may return
         the final metadata, in which :data:`~kfac_cli.files.digest.PENDING` fingerprints
         are filled in (the header is rewritten in place).
@@ -130,7 +130,7 @@ class Job:
         self.reporter.start(sum(p.nbytes for p in plans))
         with atomic_output(self.out, force=self.force) as fh:
             writer = SafetensorsWriter(fh, [(p.key, p.dtype, p.shape) for p in plans], metadata)
-            sink = BackgroundWriter(writer) if background else InlineWriter(writer)
+            sink = BackgroundWriter(writer)
             try:
                 for plan in plans:
                     produce(plan, sink.put)
@@ -240,3 +240,124 @@ def chunks(rows: int, nbytes: int, chunk_bytes: int = CHUNK_BYTES) -> list[tuple
 
 def release_all(fns: list) -> Callable[[], None]:
     return lambda: [f() for f in fns]
+
+
+# Checks every job that reads layer inputs shares.
+
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def select_keys(
+    table: LayerTable,
+    src: Tensors,
+    model: object,
+    patterns: list[str] | None,
+    ignore_unknown: bool,
+    reporter: Reporter,
+) -> list[str]:
+    """The dump keys to use, in table order (a stream: in data order).
+
+    Every key must name a layer KFAC treats (a calling module, or ``<module>#<k>`` for
+    the k-th extra call), or be skipped with ``ignore_unknown``; at least one must remain.
+
+    Raises:
+        KfacError: For a key that names no layer (or a layer KFAC cannot treat, saying
+            why), or a selection with no layer in it.
+    """
+    names = [n for la in table.layers for n in la.names]
+    for key in src.infos:
+        if table.layer(key) is not None:
+            continue
+        untreated = table.untreated_layer(key)
+        if untreated is not None:
+            expected, found = "a layer KFAC treats", f"{untreated['op']}: {untreated['reason']}"
+        else:
+            expected, found = f"a layer of {model}{near(key, names)}", "no such layer"
+        if not ignore_unknown:
+            raise KfacError(src.path, key, expected, found, fix="ignore_unknown")
+        reporter.warn(f"{KfacError(src.path, key, expected, found).line()}; skipped")
+    rank = {la.name: i for i, la in enumerate(table.layers)}
+    selected = [
+        k
+        for k in src.infos
+        if (layer := table.layer(k)) is not None
+        and (not patterns or any(matches(n, patterns) for n in layer.names))
+    ]
+    if not selected:
+        what = f"a layer matching {' or '.join(patterns)}" if patterns else "a layer's input"
+        found = "no tensors" if not src.infos else "none"
+        raise KfacError(src.path, None, what, found)
+    selected.sort(key=lambda k: rank[table.layer(k).name])
+    keys = src.order(selected)
+    src.expect(keys)
+    return keys
+
+
+def check_sums(y: torch.Tensor, key: str, bad_inputs: bool, file: object) -> None:
+    """Sums of finite inputs that came out NaN/Inf overflowed their dtype: one error naming
+    the layer and the wider ``dtype`` that fixes it (NaN/Inf inputs follow ``strict``).
+
+    Raises:
+        KfacError: For a non-finite ``y`` from finite inputs.
+    """
+    if bad_inputs or bool(torch.isfinite(y).all()):
+        return
+    wider = "float32" if y.dtype in (torch.float16, torch.bfloat16) else "float64"
+    raise KfacError(
+        file,
+        key,
+        f"sums that fit {str(y.dtype).removeprefix('torch.')}",
+        "NaN/Inf from finite inputs (an overflow)",
+        fix=f"dtype_{wider}",
+    )
+
+
+def check_input(
+    key: str, layer: Layer, shape: tuple[int, ...], dtype: torch.dtype, file: object, model: object
+) -> None:
+    """A layer input ``[B, C_in, *I]`` (conv) or ``[B, ..., d_in]`` (linear) of a float
+    dtype that fits the layer.
+
+    Raises:
+        KfacError: Naming the file, the key, and the expected versus found shape or dtype.
+    """
+    if dtype not in FLOAT_DTYPES:
+        raise KfacError(
+            file,
+            key,
+            "float16/bfloat16/float32/float64 (or a compute dtype)",
+            f"dtype {DTYPE_NAMES.get(dtype, dtype)}",
+            fix="dtype",
+        )
+    params = layer.require_conv(model) if layer.is_conv else None
+    c_in = layer.weight_shape[1] * (params.groups if params else 1)
+    if params is not None:
+        n = params.ndim
+        if len(shape) != n + 2:
+            dims = ", ".join(["B", "C_in", *(f"I{i + 1}" for i in range(n))])
+            raise KfacError(
+                file, key, f"a rank-{n + 2} {layer.kind} input [{dims}]", f"shape {list(shape)}"
+            )
+        if shape[1] != c_in:
+            raise KfacError(
+                file,
+                key,
+                f"C_in={c_in} channels (weight {list(layer.weight_shape)}, groups {params.groups})",
+                f"{shape[1]} in shape {list(shape)}",
+            )
+    elif len(shape) < 2 or shape[-1] != c_in:
+        raise KfacError(file, key, f"a linear input [B, ..., {c_in}]", f"shape {list(shape)}")
+
+
+def layer_meta(layer: Layer, shape: tuple[int, ...]) -> dict:
+    """What an output records of the layer an input belongs to."""
+    meta = {
+        "kind": layer.kind,
+        "input_shape": list(shape),
+        "weight": layer.weight,
+        "bias": layer.bias,
+        "weight_shape": list(layer.weight_shape),
+    }
+    if layer.conv is not None:
+        meta.update(layer.conv.to_json())
+    return meta

@@ -40,11 +40,11 @@ from torch import Tensor
 from kfac_cli.enums import KFACType, LossReduction
 from kfac_cli.ops.conv import ConvParams
 from kfac_cli.ops.patches import (
-    _pad,
     conv_averaged_patches,
     conv_patches,
     group_mean,
     linear_averaged_patches,
+    pad_input,
 )
 
 # Tuned on a 2-core x86 VM (see tests/benchmarks): the symmetric product in GRAM_BLOCKS
@@ -460,7 +460,7 @@ def lag_covariance(
     x = group_mean(x, params.groups)
     pads = params.pads()
     if params.padding_mode != "zeros":
-        x = _pad(x, pads, params.padding_mode)
+        x = pad_input(x, pads, params.padding_mode)
         pads = tuple((0, 0) for _ in pads)
     batch, channels, *size = x.shape
     out_size = (

@@ -40,7 +40,7 @@ def group_mean(x: Tensor, groups: int) -> Tensor:
     return rearrange(x, "b (g c) ... -> b g c ...", g=groups).mean(1)
 
 
-def _pad(x: Tensor, pads: Sequence[tuple[int, int]], mode: str) -> Tensor:
+def pad_input(x: Tensor, pads: Sequence[tuple[int, int]], mode: str) -> Tensor:
     """Pad the spatial dims of ``[B, C, *I]`` with ``(left, right)`` per dim."""
     flat = [v for pair in reversed(pads) for v in pair]  # F.pad wants the last dim first
     if not any(flat):
@@ -101,7 +101,7 @@ def conv_patches(
         dst = out[..., :cols].unflatten(2, (channels, *params.kernel_size))
     dst = dst.unflatten(1, out_size)
     if x.device.type != "cpu":  # one strided-copy kernel beats many small launches
-        _copy_strided(_pad(x, params.pads(), params.padding_mode), params, out_size, dst)
+        _copy_strided(pad_input(x, params.pads(), params.padding_mode), params, out_size, dst)
         return out
     sample_bytes = max(1, prod(shape[1:]) * out.element_size())
     step = max(1, CACHE_CHUNK_BYTES // sample_bytes)
@@ -111,10 +111,10 @@ def conv_patches(
         if channels >= MIN_CHANNELS_FOR_TAPS:
             # Zero padding is never materialised: taps copy what they read, zero the rest.
             pads = params.pads() if zeros else tuple((0, 0) for _ in out_size)
-            xp = xb if zeros else _pad(xb, params.pads(), params.padding_mode)
+            xp = xb if zeros else pad_input(xb, params.pads(), params.padding_mode)
             _copy_per_tap(xp, pads, params, out_size, part)
         else:
-            _copy_strided(_pad(xb, params.pads(), params.padding_mode), params, out_size, part)
+            _copy_strided(pad_input(xb, params.pads(), params.padding_mode), params, out_size, part)
     return out
 
 
@@ -376,7 +376,7 @@ def conv_averaged_patches(
     narrow = x.dtype
     x = _group_sum(x.to(accumulation_dtype(narrow)), params.groups)
     if params.padding_mode != "zeros":
-        x = _pad(x, params.pads(), params.padding_mode)
+        x = pad_input(x, params.pads(), params.padding_mode)
     batch, channels, *spatial = x.shape
     method = method or reduce_method(dims)
     if method not in REDUCE_METHODS:
