@@ -505,14 +505,11 @@ def patches(
     _check_model(model)
 
     def make(reporter):
-        from kfac_cli.jobs.patches import run_patches
+        from kfac_cli.jobs.patches import PatchesOptions, run_patches
 
-        return run_patches(
-            model,
-            activations,
-            output,
-            approx=approx.value,
-            patterns=layer,
+        options = PatchesOptions(
+            approx=approx,
+            patterns=tuple(layer or ()),
             bias_column=bias_column,
             dtype=dtype,
             device=device,
@@ -521,8 +518,8 @@ def patches(
             strict=strict,
             spec=spec,
             unsafe_pickle=unsafe_trust_pickle,
-            reporter=reporter,
         )
+        return run_patches(model, activations, output, options=options, reporter=reporter)
 
     _run_job("patches", debug, quiet, as_json, make)
 
@@ -624,30 +621,37 @@ def canonicalize(
         )
 
     def make(reporter):
-        from kfac_cli.jobs.canonicalize import run_canonicalize, run_uncanonicalize
+        from kfac_cli.jobs.canonicalize import (
+            CanonicalizeOptions,
+            run_canonicalize,
+            run_uncanonicalize,
+        )
 
-        common = dict(
+        options = CanonicalizeOptions(
+            separate_bias=separate_bias,
+            treated_only=treated_only,
+            patterns=tuple(layer or ()),
+            layout=layout,
+            columns=columns,
+            batch_first=batch_first,
             dtype=dtype,
             force=force,
             spec=spec,
             unsafe_pickle=unsafe_trust_pickle,
-            reporter=reporter,
         )
-        if inverse:
+        if inverse:  # the layout options come from the file (refused above)
             model = inputs[0] if len(inputs) == 2 else None
-            return run_uncanonicalize(inputs[-1], output, model=model, **common)
-        return run_canonicalize(
-            inputs[0],
-            inputs[1],
-            output,
-            separate_bias=separate_bias,
-            treated_only=treated_only,
-            patterns=layer,
-            layout=layout.value,
-            columns=columns,
-            batch_first=batch_first,
-            **common,
-        )
+            return run_uncanonicalize(
+                inputs[-1],
+                output,
+                model=model,
+                dtype=dtype.value if dtype else None,
+                force=force,
+                spec=spec,
+                unsafe_pickle=unsafe_trust_pickle,
+                reporter=reporter,
+            )
+        return run_canonicalize(inputs[0], inputs[1], output, options=options, reporter=reporter)
 
     _run_job("canonicalize", debug, quiet, as_json, make)
 

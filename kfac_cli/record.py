@@ -175,25 +175,7 @@ def record(
             number of loss terms that differs between batches, or existing files.
     """
     fisher = FisherType(fisher_type)
-    if not isinstance(loss_func, LOSSES):
-        raise KfacError(
-            None,
-            "loss_func",
-            "MSELoss, CrossEntropyLoss or BCEWithLogitsLoss",
-            type(loss_func).__name__,
-        )
-    if fisher is not FisherType.MC and mc_samples != 1:
-        raise KfacError(None, "mc_samples", "1 unless the Fisher type is mc", str(mc_samples))
-    reduction = getattr(loss_func, "reduction", None)
-    if reduction not in ("mean", "sum"):
-        raise KfacError(
-            None,
-            "loss_func.reduction",
-            "'mean' or 'sum' (KFAC scales G by how the loss combined its terms)",
-            repr(reduction),
-        )
-    if start < 0:
-        raise KfacError(None, "start", "a batch index >= 0", str(start))
+    _check_arguments(loss_func, fisher, mc_samples, start)
     if run is None:
         import uuid
 
@@ -258,6 +240,34 @@ def record(
     finally:
         recorder.remove()
     return written
+
+
+def _check_arguments(loss_func: nn.Module, fisher: FisherType, mc_samples: int, start: int):
+    """What :func:`record` can record, checked before anything runs.
+
+    Raises:
+        KfacError: For another loss or reduction, MC samples of another Fisher type, or a
+            negative start.
+    """
+    if not isinstance(loss_func, LOSSES):
+        raise KfacError(
+            None,
+            "loss_func",
+            "MSELoss, CrossEntropyLoss or BCEWithLogitsLoss",
+            type(loss_func).__name__,
+        )
+    if fisher is not FisherType.MC and mc_samples != 1:
+        raise KfacError(None, "mc_samples", "1 unless the Fisher type is mc", str(mc_samples))
+    reduction = getattr(loss_func, "reduction", None)
+    if reduction not in ("mean", "sum"):
+        raise KfacError(
+            None,
+            "loss_func.reduction",
+            "'mean' or 'sum' (KFAC scales G by how the loss combined its terms)",
+            repr(reduction),
+        )
+    if start < 0:
+        raise KfacError(None, "start", "a batch index >= 0", str(start))
 
 
 def _backpropagate(rows, target, loss_func, fisher, mc_samples, generator, params) -> int:

@@ -88,12 +88,8 @@ class SafetensorsFile:
         info = self.infos[name]
 
         def read(offset: int, view: memoryview) -> None:
-            done = 0
-            while done < len(view):
-                got = os.preadv(self._fh.fileno(), [view[done:]], info.begin + offset + done)
-                if not got:
-                    raise KfacError(self.path, name, f"{info.nbytes} bytes", "the file shrank")
-                done += got
+            if read_at(self._fh, view, info.begin + offset) < len(view):
+                raise KfacError(self.path, name, f"{info.nbytes} bytes", "the file shrank")
 
         return self._digests.hexdigest(name, read)
 
@@ -155,11 +151,26 @@ def read_into(
     t = t.view(info.dtype).view(shape)
     if nbytes == 0:
         return t
-    fh.seek(begin)
-    got = read_exactly(fh, tensor_bytes(t))
+    got = read_at(fh, tensor_bytes(t), begin)
     if got < nbytes:
         raise KfacError(info.file, None, f"{nbytes} bytes", f"{got} (the file shrank)")
     return t
+
+
+def read_at(fh: BinaryIO, view: memoryview, offset: int) -> int:
+    """Fill ``view`` from ``fh`` at byte ``offset`` with positional reads (``preadv``: the
+    handle's own offset is not used, so threads may share it); the bytes read, fewer only
+    at the end of the file."""
+    if not hasattr(os, "preadv"):  # no positional reads here: seek and read
+        fh.seek(offset)
+        return read_exactly(fh, view)
+    done = 0
+    while done < len(view):
+        got = os.preadv(fh.fileno(), [view[done:]], offset + done)
+        if not got:
+            break
+        done += got
+    return done
 
 
 def read_rows_into(fh: BinaryIO, info: TensorInfo, rows: tuple[int, int, int], dst: Tensor) -> None:

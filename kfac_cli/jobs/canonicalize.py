@@ -18,13 +18,25 @@ from pathlib import Path
 
 import torch
 
+from kfac_cli.enums import ComputeDtype, Layout
 from kfac_cli.errors import KfacError
 from kfac_cli.files.digest import PENDING
 from kfac_cli.files.kinds import CANONICAL, LAYOUT_VERSION, PARAMETERS
 from kfac_cli.files.safetensors import DTYPE_NAMES, DTYPES
 from kfac_cli.files.sources import Tensors, open_tensors
-from kfac_cli.jobs.pipeline import BufferPool, Prefetcher, view
-from kfac_cli.jobs.skeleton import CPU, Job, Plan, Reporter, chunks, model_ref, near, order, sealed
+from kfac_cli.jobs.pipeline import Prefetcher, Read, view
+from kfac_cli.jobs.skeleton import (
+    Job,
+    Plan,
+    Reporter,
+    as_enums,
+    chunks,
+    model_ref,
+    near,
+    options_of,
+    order,
+    sealed,
+)
 from kfac_cli.models.load import load_layer_table
 from kfac_cli.models.state_dict import BATCHNORM_BUFFERS
 from kfac_cli.models.table import LayerTable, matches
@@ -126,42 +138,70 @@ def plan_blocks(
     return blocks, [n for n in table.parameters if n not in source]
 
 
+@dataclass(frozen=True)
+class CanonicalizeOptions:
+    """Everything ``canonicalize`` takes besides its files: one value, built once.
+
+    Attributes:
+        separate_bias: Weight and bias as separate blocks (default: joint per layer).
+        treated_only: Leave out every tensor KFAC does not treat.
+        patterns: Only layers matching these globs.
+        layout: ``flat`` ``[C_out*(rest+1)]`` or ``matrix`` ``[C_out, rest+1]``.
+        columns: Tensors carry a trailing column axis ``[*param_shape, C]``.
+        batch_first: Tensors carry a leading batch axis ``[N, *param_shape]``.
+        dtype: Compute and output dtype (default: keep the input's).
+        force: Replace an existing output.
+        spec: A state dict's layer spec.
+        unsafe_pickle: Allow unpickling a whole module.
+    """
+
+    separate_bias: bool = False
+    treated_only: bool = False
+    patterns: tuple[str, ...] = ()
+    layout: Layout = Layout.FLAT
+    columns: bool = False
+    batch_first: bool = False
+    dtype: ComputeDtype | None = None
+    force: bool = False
+    spec: Path | str | None = None
+    unsafe_pickle: bool = False
+
+    def __post_init__(self) -> None:
+        as_enums(self, layout=Layout, dtype=ComputeDtype)
+
+
 def run_canonicalize(
     model: Path | str,
     tensors: Path | str,
     out: str,
     *,
-    separate_bias: bool = False,
-    treated_only: bool = False,
-    patterns: list[str] | None = None,
-    layout: str = "flat",
-    columns: bool = False,
-    batch_first: bool = False,
-    dtype: str | None = None,
-    force: bool = False,
-    spec: Path | str | None = None,
-    unsafe_pickle: bool = False,
+    options: CanonicalizeOptions | None = None,
     reporter: Reporter | None = None,
+    **settings: object,
 ) -> dict:
     """Parameter-space tensors to canonical blocks (``docs/formats.md``), one per block.
 
     A permutation: values (NaN and Inf included) pass through unchanged, so they are not
     scanned. From a stream (``-``, a named pipe) the blocks follow the input's order.
+    ``options`` (:class:`CanonicalizeOptions`) or its fields as keywords.
 
     Raises:
         KfacError: For bad inputs (nothing is written).
     """
-    job = Job("canonicalize", out, force=force, dtype=dtype, reporter=reporter)
-    table = load_layer_table(model, spec, unsafe_pickle)
+    o = options_of(CanonicalizeOptions, options, settings)
+    dtype = o.dtype.value if o.dtype else None
+    job = Job("canonicalize", out, force=o.force, dtype=dtype, reporter=reporter)
+    table = load_layer_table(model, o.spec, o.unsafe_pickle)
+    columns, batch_first, layout = o.columns, o.batch_first, o.layout.value
     lead, trail = int(batch_first), int(columns)
     with open_tensors(tensors, role="tensors") as src:
         blocks, missing = plan_blocks(
             table,
             list(src.infos),
             src.path,
-            separate_bias=separate_bias,
-            treated_only=treated_only,
-            patterns=patterns,
+            separate_bias=o.separate_bias,
+            treated_only=o.treated_only,
+            patterns=list(o.patterns),
         )
         names = [n for blk in blocks for n in blk.group.names]
         shapes = {n: _param_shape(table, n, src, lead, trail, columns, batch_first) for n in names}
@@ -196,7 +236,6 @@ def run_canonicalize(
         rows = {p.key: _row_view(groups[p.key], shapes, lead_shape, trail_shape) for p in ordered}
         row_chunks = {p.key: chunks(rows[p.key][0], p.nbytes) for p in ordered}
         src.expect(names)
-        pool = BufferPool(4, CPU)
 
         def read_block(buf: torch.Tensor, plan: Plan, start: int, stop: int) -> torch.Tensor:
             """Rows ``start:stop`` of a block: each parameter's rows read into their columns."""
@@ -212,21 +251,16 @@ def run_canonicalize(
             for p in ordered:
                 for start, stop in row_chunks[p.key]:
                     nbytes = (stop - start) * sum(rows[p.key][1].values()) * p.dtype.itemsize
-                    yield nbytes, lambda buf, p=p, a=start, b=stop: read_block(buf, p, a, b)
+                    read = lambda buf, p=p, a=start, b=stop: read_block(buf, p, a, b)  # noqa: E731
+                    yield Read(p.key, (start, stop), nbytes, read)
 
-        prefetch = Prefetcher(reads(), pool, ahead=2)
+        def produce(plan: Plan, put, prefetch: Prefetcher) -> None:
+            for rows_ in row_chunks[plan.key]:
+                block, buf = prefetch.next(plan.key, rows_)
+                put(plan.key, block, None, lambda buf=buf: prefetch.release(buf))
 
-        def produce(plan: Plan, put) -> None:
-            for _ in row_chunks[plan.key]:
-                block, buf = prefetch.next()
-                put(plan.key, block, None, lambda buf=buf: pool.put(buf))
-
-        try:
-            written = job.write(
-                ordered, metadata, produce, before_commit=sealed(metadata, "tensors", src)
-            )
-        finally:
-            prefetch.close()
+        commit = sealed(metadata, "tensors", src)
+        written = job.stream(ordered, metadata, reads(), produce, commit, ahead=2)
     return job.summary(plans, written, missing=missing)
 
 
@@ -368,41 +402,8 @@ def run_uncanonicalize(
         opts, blocks, info = _canonical_meta(src.path, src.metadata)
         shapes, dtypes = info["shapes"], info["dtypes"]
         if model is not None:
-            table = load_layer_table(model, spec, unsafe_pickle)
-            for name, shape in shapes.items():
-                resolved = table.resolve(name)
-                if resolved is not None and table.parameters[resolved] != shape:
-                    raise KfacError(src.path, name, f"the parameters of {model}", "another shape")
-                if resolved is None and not is_buffer_name(table, name):
-                    raise KfacError(src.path, name, f"the parameters of {model}", "another name")
-        lead, trail = int(opts["batch_first"]), int(opts["columns"])
-        names = {k for k, _ in blocks}
-        if set(src.infos) != names:
-            odd = sorted(set(src.infos) ^ names)[0]
-            raise KfacError(
-                src.path,
-                odd,
-                "the blocks the metadata lists",
-                "a tensor not listed" if odd in src.infos else "no such tensor",
-            )
-        lead_shape = trail_shape = None
-        for key, g in blocks:
-            s = src.infos[key].shape
-            want = block_shape(g, shapes, opts["layout"])
-            if len(s) != lead + len(want) + trail or tuple(s[lead : lead + len(want)]) != want:
-                raise KfacError(
-                    src.path,
-                    key,
-                    f"a block of shape {list(want)} "
-                    f"(batch_first={opts['batch_first']}, "
-                    f"columns={opts['columns']})",
-                    f"{list(s)}",
-                )
-            lead_shape = lead_shape if lead_shape is not None else tuple(s[:lead])
-            trail_shape = trail_shape if trail_shape is not None else tuple(s[len(s) - trail :])
-            if tuple(s[:lead]) != lead_shape or tuple(s[len(s) - trail :]) != trail_shape:
-                raise KfacError(src.path, key, "the same N/C axes in every block", f"{list(s)}")
-        lead_shape, trail_shape = lead_shape or (), trail_shape or ()
+            _check_model(load_layer_table(model, spec, unsafe_pickle), shapes, src.path, model)
+        lead_shape, trail_shape = _check_blocks(src, blocks, shapes, opts)
         plans = [
             Plan(n, job.cast or dtypes[n], (*lead_shape, *s, *trail_shape))
             for n, s in shapes.items()
@@ -414,75 +415,110 @@ def run_uncanonicalize(
             canonical=PENDING,
         )
         group_of = {n: (k, g) for k, g in blocks for n in g.names}
-        if src.sequential:  # block by block as they arrive, weight before bias
-            begin = {k: src.infos[k].begin for k, _ in blocks}
-
-            def arrival(p: Plan) -> tuple[int, bool]:
-                key, g = group_of[p.key]
-                return begin[key], p.key != g.names[0]
-
-            ordered = sorted(plans, key=arrival)
-        else:
-            ordered = order(plans)
+        ordered = _arrival_order(src, plans, blocks, group_of) if src.sequential else order(plans)
         views = {k: _row_view(g, shapes, lead_shape, trail_shape) for k, g in blocks}
-        # How each parameter is produced: a whole block, a weight (caching its bias column),
-        # or a bias, from that cache or from its own pass over the block.
-        steps, seen = {}, set()
+        block_chunks = {k: chunks(views[k][0], src.infos[k].nbytes) for k, _ in blocks}
+        split = _Splitter(src, ordered, group_of, views, block_chunks)
+        commit = sealed(metadata, "canonical", src)
+        written = job.stream(ordered, metadata, split.reads(), split.produce, commit)
+    return job.summary(plans, written)
+
+
+def _check_model(table: LayerTable, shapes: dict, file: object, model: object) -> None:
+    """Every parameter of the file is one of ``model``'s, of its shape (or a buffer)."""
+    for name, shape in shapes.items():
+        resolved = table.resolve(name)
+        if resolved is not None and table.parameters[resolved] != shape:
+            raise KfacError(file, name, f"the parameters of {model}", "another shape")
+        if resolved is None and not is_buffer_name(table, name):
+            raise KfacError(file, name, f"the parameters of {model}", "another name")
+
+
+def _check_blocks(src: Tensors, blocks: list, shapes: dict, opts: dict):
+    """The file's tensors are exactly the blocks its metadata lists, each of its block
+    shape between the same N and C axes; those axes' shapes."""
+    lead, trail = int(opts["batch_first"]), int(opts["columns"])
+    names = {k for k, _ in blocks}
+    if set(src.infos) != names:
+        odd = sorted(set(src.infos) ^ names)[0]
+        found = "a tensor not listed" if odd in src.infos else "no such tensor"
+        raise KfacError(src.path, odd, "the blocks the metadata lists", found)
+    for key, g in blocks:
+        s = src.infos[key].shape
+        want = block_shape(g, shapes, opts["layout"])
+        if len(s) != lead + len(want) + trail or tuple(s[lead : lead + len(want)]) != want:
+            raise KfacError(
+                src.path,
+                key,
+                f"a block of shape {list(want)} "
+                f"(batch_first={opts['batch_first']}, columns={opts['columns']})",
+                f"{list(s)}",
+            )
+    block_shapes = {k: src.infos[k].shape for k, _ in blocks}
+    return _outer_axes(src, list(block_shapes), block_shapes, lead, trail)
+
+
+def _arrival_order(src: Tensors, plans: list[Plan], blocks: list, group_of: dict) -> list[Plan]:
+    """From a stream: block by block as they arrive, weight before bias."""
+    begin = {k: src.infos[k].begin for k, _ in blocks}
+
+    def arrival(p: Plan) -> tuple[int, bool]:
+        key, g = group_of[p.key]
+        return begin[key], p.key != g.names[0]
+
+    return sorted(plans, key=arrival)
+
+
+class _Splitter:
+    """Reads canonical blocks and writes their parameters: a whole block, a weight (its
+    bias column kept aside), or a bias, from what was kept or from its own pass."""
+
+    def __init__(self, src: Tensors, ordered: list[Plan], group_of, views, block_chunks) -> None:
+        self.src, self.ordered, self.group_of = src, ordered, group_of
+        self.views, self.block_chunks = views, block_chunks
+        self.steps: dict[str, str] = {}
+        seen = set()
         for p in ordered:
             key, g = group_of[p.key]
             mode = "whole" if not g.joint else "weight" if p.key == g.W else "bias"
             if mode == "bias" and key in seen:
                 mode = "cached"
             seen.add(key)
-            steps[p.key] = mode
-        block_chunks = {k: chunks(views[k][0], src.infos[k].nbytes) for k, _ in blocks}
-        inputs = BufferPool(3, CPU)
+            self.steps[p.key] = mode
+        self.bias_cache: dict[str, list[torch.Tensor]] = {}
 
-        def reads():
-            for p in ordered:
-                key = group_of[p.key][0]
-                if steps[p.key] == "cached":
-                    continue
-                width = sum(views[key][1].values())
-                item = src.infos[key].dtype.itemsize
-                for start, stop in block_chunks[key]:
-                    yield (
-                        (stop - start) * width * item,
-                        lambda buf, k=key, r=(width, start, stop): src.read(k, buf, r),
-                    )
+    def reads(self):
+        for p in self.ordered:
+            key = self.group_of[p.key][0]
+            if self.steps[p.key] == "cached":
+                continue
+            width = sum(self.views[key][1].values())
+            item = self.src.infos[key].dtype.itemsize
+            for start, stop in self.block_chunks[key]:
+                read = lambda buf, k=key, r=(width, start, stop): self.src.read(k, buf, r)  # noqa: E731
+                yield Read(key, (start, stop), (stop - start) * width * item, read)
 
-        prefetch = Prefetcher(reads(), inputs)
-        bias_cache: dict[str, list[torch.Tensor]] = {}
-
-        def produce(plan: Plan, put) -> None:
-            key, g = group_of[plan.key]
-            mode = steps[plan.key]
-            if mode == "cached":
-                put(plan.key, torch.cat(bias_cache.pop(plan.key)).to(plan.dtype))
-                return
-            w_len = views[key][1].get(g.W, 0) if g.joint else 0
-            for _ in block_chunks[key]:
-                chunk, buf = prefetch.next()
-                if mode == "whole":
-                    put(plan.key, chunk.to(plan.dtype), None, lambda b=buf: inputs.put(b))
-                    continue
-                if mode == "weight":
-                    bias_cache.setdefault(g.b, []).append(chunk[:, w_len:].clone())
-                    part = chunk[:, :w_len]
-                else:
-                    part = chunk[:, w_len:]
-                # A one-row chunk's part is contiguous already, a view of the buffer: keep
-                # the buffer until the part is written.
-                release = lambda b=buf: inputs.put(b)  # noqa: E731
-                put(plan.key, part.to(plan.dtype).contiguous(), None, release)
-
-        try:
-            written = job.write(
-                ordered, metadata, produce, before_commit=sealed(metadata, "canonical", src)
-            )
-        finally:
-            prefetch.close()
-    return job.summary(plans, written)
+    def produce(self, plan: Plan, put, prefetch: Prefetcher) -> None:
+        key, g = self.group_of[plan.key]
+        mode = self.steps[plan.key]
+        if mode == "cached":
+            put(plan.key, torch.cat(self.bias_cache.pop(plan.key)).to(plan.dtype))
+            return
+        w_len = self.views[key][1].get(g.W, 0) if g.joint else 0
+        for rows in self.block_chunks[key]:
+            chunk, buf = prefetch.next(key, rows)
+            release = lambda b=buf: prefetch.release(b)  # noqa: E731
+            if mode == "whole":
+                put(plan.key, chunk.to(plan.dtype), None, release)
+                continue
+            if mode == "weight":
+                self.bias_cache.setdefault(g.b, []).append(chunk[:, w_len:].clone())
+                part = chunk[:, :w_len]
+            else:
+                part = chunk[:, w_len:]
+            # A one-row chunk's part is contiguous already, a view of the buffer: keep the
+            # buffer until the part is written.
+            put(plan.key, part.to(plan.dtype).contiguous(), None, release)
 
 
 def is_buffer_name(table: LayerTable, name: str) -> bool:

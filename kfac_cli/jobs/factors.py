@@ -23,7 +23,7 @@ from kfac_cli.files.kinds import FACTORS, GRADIENTS
 from kfac_cli.files.sources import Tensors, fingerprint, open_tensors
 from kfac_cli.jobs.devices import resolve_device, resolve_dtype
 from kfac_cli.jobs.distributed import RankFailed, Ranks, ranks_from_env
-from kfac_cli.jobs.pipeline import BufferPool, Prefetcher, view
+from kfac_cli.jobs.pipeline import BufferPool, Prefetcher, Read, view
 from kfac_cli.jobs.skeleton import (
     CPU,
     FLOAT_DTYPES,
@@ -31,10 +31,12 @@ from kfac_cli.jobs.skeleton import (
     Job,
     Plan,
     Reporter,
+    as_enums,
     check_input,
     chunks,
     layer_meta,
     model_ref,
+    options_of,
     select_keys,
 )
 from kfac_cli.models.load import load_layer_table
@@ -120,19 +122,13 @@ class FactorsOptions:
     timeout: float = 300.0
 
     def __post_init__(self) -> None:
-        try:  # enums stay enums; their values are accepted (the keyword API)
-            for name, enum in (
-                ("approx", KFACType),
-                ("fisher_type", FisherType),
-                ("loss_reduction", LossReduction),
-                ("dtype", ComputeDtype),
-            ):
-                value = getattr(self, name)
-                if value is not None:
-                    object.__setattr__(self, name, enum(value))
-        except ValueError as e:
-            raise KfacError(None, None, "a known option value", str(e)) from None
-        object.__setattr__(self, "patterns", tuple(self.patterns or ()))
+        as_enums(
+            self,
+            approx=KFACType,
+            fisher_type=FisherType,
+            loss_reduction=LossReduction,
+            dtype=ComputeDtype,
+        )
         if self.dtype not in (None, ComputeDtype.FLOAT32, ComputeDtype.FLOAT64):
             raise KfacError(
                 None, "dtype", "float32 or float64 to accumulate factors in", self.dtype
@@ -296,9 +292,7 @@ def run_factors(
     Raises:
         KfacError: For bad inputs (nothing is written).
     """
-    if options is not None and settings:
-        raise TypeError("give options or keyword settings, not both")
-    opts = options or FactorsOptions(**settings)  # type: ignore[arg-type]
+    opts = options_of(FactorsOptions, options, settings)
     ranks = ranks_from_env(resolve_device(opts.device), opts.timeout)
     on_gpus = opts.device in ("cuda", "auto") and resolve_device(opts.device).type == "cuda"
     if ranks.world > 1 and on_gpus:  # one GPU per rank
@@ -423,18 +417,15 @@ def _stream(job: Job, inputs: Inputs, plans, fields: dict, accumulate, ranks: Ra
         n = len(inputs.acts)
         return factors_header(job, {**fields, "activations": prints[:n], "grads": prints[n:]})
 
-    try:
-        if ranks.writer:
-            written = job.write(plans, factors_header(job, fields), accumulate.produce, commit)
-            ranks.publish()
-            return written
-        for plan in plans:
-            accumulate.produce(plan, lambda *a, **k: None)
-        commit()
+    header = factors_header(job, fields)
+    written = job.stream(
+        plans, header, accumulate.reads(), accumulate.produce, commit, ahead=2, write=ranks.writer
+    )
+    if ranks.writer:
+        ranks.publish()
+    else:
         ranks.await_writer()
-        return 0
-    finally:
-        accumulate.close()
+    return written
 
 
 def factors_header(job: Job, fields: dict) -> dict[str, str]:
@@ -595,9 +586,8 @@ class _Accumulator:
         self.scratch: dict[str, torch.Tensor] = {}  # buffers the sums reuse chunk to chunk
         self.flat: torch.Tensor | None = None  # the sums (see _sums)
         self.unwritten, self.pending = threading.Condition(), 0  # items of flat being written
-        self.pool = BufferPool(4, CPU, pin_memory=self.stage.cuda)
         self.out_pool = BufferPool(3, CPU)
-        self.prefetch = Prefetcher(self._reads(works), self.pool, ahead=2)
+        self.prefetch: Prefetcher | None = None  # the job's, given with each plan
 
     def _rows(self, info, start: int, stop: int, grads: bool):
         """``(row_len, first, end)`` chunks of a unit's batch rows ``start:stop``: of the
@@ -625,14 +615,18 @@ class _Accumulator:
                 for rows in self._rows(info, a, b, grads):
                     yield src, key, info, rows, samples
 
-    def _reads(self, works):
-        for w in works:
+    def reads(self):
+        """The :class:`Read` of every chunk of every layer, in the order it is summed; each
+        tagged with its file and key (activations and gradients share layer keys)."""
+        for w in self.works.values():
             for grads in (False, True) if self.grads else (False,):
                 for src, key, info, (row_len, a, b), _ in self._inputs(w, grads):
                     nbytes = (b - a) * row_len * info.dtype.itemsize
-                    yield nbytes, lambda buf, s=src, k=key, r=(row_len, a, b): s.read(k, buf, r)
+                    read = lambda buf, s=src, k=key, r=(row_len, a, b): s.read(k, buf, r)  # noqa: E731
+                    yield Read(f"{src.path}:{key}", (a, b), nbytes, read)
 
-    def produce(self, plan: Plan, put) -> None:
+    def produce(self, plan: Plan, put, prefetch: Prefetcher) -> None:
+        self.prefetch = prefetch
         layer = plan.meta["layer"]
         if layer not in self.summed:
             self.done.clear()
@@ -646,9 +640,9 @@ class _Accumulator:
             return
         sym, perm = value
         if perm is None and sym.device == CPU:  # written from the sums themselves (see _sums)
-            with self.unwritten:
-                self.pending += 1
             put(plan.key, sym, None, self._written)
+            with self.unwritten:  # counted once handed over (the writer may have written it
+                self.pending += 1  # already: the count then passes -1; only we wait on it)
             return
         width = sym.shape[1]  # else in row blocks, in the format's order, each copied out
         step = max(1, WRITE_BYTES // (width * sym.element_size()))
@@ -776,7 +770,7 @@ class _Accumulator:
         chunk cast to another dtype is counted as stored, before the cast)."""
         for src, key, info, (_, a, b), samples in self._inputs(w, grads):
             self.ranks.check()
-            x_host, buf = self.prefetch.next()
+            x_host, buf = self.prefetch.next(f"{src.path}:{key}", (a, b))
             shape = (1, b - a, *info.shape[2:]) if grads else (b - a, *info.shape[1:])
             x_host = x_host.view(shape)
             finite, cast = self.finite[id(src)], x_host.dtype != self.dtype
@@ -785,14 +779,11 @@ class _Accumulator:
             x = self.stage.to_device(x_host, self.dtype)
             self.stage.wait_copied()  # a device copy has left the host buffer
             if x.data_ptr() != x_host.data_ptr():
-                self.pool.put(buf)
+                self.prefetch.release(buf)
                 buf = None
             yield samples, info, x, _checked if cast else partial(finite.check, key, x)
             if buf is not None:  # the sum read the buffer itself: it is free now
-                self.pool.put(buf)
-
-    def close(self) -> None:
-        self.prefetch.close()
+                self.prefetch.release(buf)
 
 
 def _checked(probe: torch.Tensor | None = None) -> None:

@@ -3,27 +3,29 @@
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from kfac_cli.enums import KFACType
+from kfac_cli.enums import ComputeDtype, KFACType
 from kfac_cli.errors import KfacError
 from kfac_cli.files.digest import PENDING
 from kfac_cli.files.kinds import PATCHES
 from kfac_cli.files.sources import Tensors, open_tensors
-from kfac_cli.jobs.pipeline import BufferPool, Prefetcher, shares_memory, view
+from kfac_cli.jobs.pipeline import Prefetcher, Read, shares_memory, view
 from kfac_cli.jobs.skeleton import (
-    CPU,
     Finite,
     Job,
     Plan,
     Reporter,
+    as_enums,
     check_input,
     check_sums,
     chunks,
     layer_meta,
     model_ref,
+    options_of,
     order,
     release_all,
     sealed,
@@ -34,30 +36,11 @@ from kfac_cli.models.table import Layer
 from kfac_cli.ops.patches import layer_patches, output_shape
 
 
-def run_patches(
-    model: Path | str,
-    activations: Path | str,
-    out: str,
-    *,
-    approx: str = "expand",
-    patterns: list[str] | None = None,
-    bias_column: bool = False,
-    dtype: str | None = None,
-    device: str = "cpu",
-    force: bool = False,
-    ignore_unknown: bool = False,
-    strict: bool = False,
-    spec: Path | str | None = None,
-    unsafe_pickle: bool = False,
-    reporter: Reporter | None = None,
-) -> dict:
-    """Write the (averaged) patches of every layer in the dump to ``out``.
+@dataclass(frozen=True)
+class PatchesOptions:
+    """Everything ``patches`` takes besides its files: one value, built once.
 
-    Args:
-        model: The checkpoint (``.pt2``, a state dict with ``spec``, ...).
-        activations: The activation dump: a safetensors file, a sharded set, or ``-`` /
-            a named pipe (read once; the output then follows the dump's tensor order).
-        out: The output file, or ``-`` for stdout.
+    Attributes:
         approx: ``expand`` (patches) or ``reduce`` (averaged patches).
         patterns: Only layers matching these globs.
         bias_column: Append the ones column (joint weight and bias).
@@ -68,6 +51,41 @@ def run_patches(
         strict: Fail on NaN/Inf inputs (default: warn).
         spec: The layer spec of a state dict.
         unsafe_pickle: Allow unpickling a whole module.
+    """
+
+    approx: KFACType = KFACType.EXPAND
+    patterns: tuple[str, ...] = ()
+    bias_column: bool = False
+    dtype: ComputeDtype | None = None
+    device: str = "cpu"
+    force: bool = False
+    ignore_unknown: bool = False
+    strict: bool = False
+    spec: Path | str | None = None
+    unsafe_pickle: bool = False
+
+    def __post_init__(self) -> None:
+        as_enums(self, approx=KFACType, dtype=ComputeDtype)
+
+
+def run_patches(
+    model: Path | str,
+    activations: Path | str,
+    out: str,
+    *,
+    options: PatchesOptions | None = None,
+    reporter: Reporter | None = None,
+    **settings: object,
+) -> dict:
+    """Write the (averaged) patches of every layer in the dump to ``out``.
+
+    Args:
+        model: The checkpoint (``.pt2``, a state dict with ``spec``, ...).
+        activations: The activation dump: a safetensors file, a sharded set, or ``-`` /
+            a named pipe (read once; the output then follows the dump's tensor order).
+        out: The output file, or ``-`` for stdout.
+        options: Every other setting (:class:`PatchesOptions`), or them as keywords
+            (``approx="reduce"``, ...).
         reporter: Progress and warnings.
 
     Returns:
@@ -76,11 +94,13 @@ def run_patches(
     Raises:
         KfacError: For bad inputs (nothing is written).
     """
-    job = Job("patches", out, force=force, device=device, dtype=dtype, reporter=reporter)
-    approx = KFACType(approx)
-    table = load_layer_table(model, spec, unsafe_pickle)
+    o = options_of(PatchesOptions, options, settings)
+    dtype = o.dtype.value if o.dtype else None
+    job = Job("patches", out, force=o.force, device=o.device, dtype=dtype, reporter=reporter)
+    approx, bias_column, strict = o.approx, o.bias_column, o.strict
+    table = load_layer_table(model, o.spec, o.unsafe_pickle)
     with open_tensors(activations, role="activations") as src:
-        keys = select_keys(table, src, model, patterns, ignore_unknown, job.reporter)
+        keys = select_keys(table, src, model, list(o.patterns), o.ignore_unknown, job.reporter)
         plans = [
             _plan(key, table.layer(key), src, model, approx, bias_column, job.cast) for key in keys
         ]
@@ -99,20 +119,18 @@ def run_patches(
             for p in ordered
         }
         finite = Finite(src.path, strict, job.reporter)
-        inputs = BufferPool(3, CPU, pin_memory=stage.cuda)
-        prefetch = Prefetcher(batch_reads(src, [p.key for p in ordered], row_chunks), inputs)
 
-        def produce(plan: Plan, put) -> None:
+        def produce(plan: Plan, put, prefetch: Prefetcher) -> None:
             layer = table.layer(plan.key)
             params = layer.conv if layer.is_conv else None
             into_buffer = params is not None and approx is KFACType.EXPAND
             for start, stop in row_chunks[plan.key]:
-                x_host, in_buf = prefetch.next()
+                x_host, in_buf = prefetch.next(plan.key, (start, stop))
                 finite.check(plan.key, x_host)
                 x = stage.to_device(x_host, plan.dtype)
                 shape = (stop - start, *plan.shape[1:])
                 nbytes = math.prod(shape) * plan.dtype.itemsize
-                release = [lambda b=in_buf: inputs.put(b)]
+                release = [lambda b=in_buf: prefetch.release(b)]
                 buf = None
                 if into_buffer:
                     buf = stage.host_pool.get(nbytes) if stage.on_cpu else stage.output(nbytes)
@@ -137,22 +155,21 @@ def run_patches(
                 put(plan.key, y, event, release_all(release))
             finite.report(plan.key, math.prod(plan.meta["input_shape"]))
 
-        try:
-            written = job.write(
-                ordered, metadata, produce, before_commit=sealed(metadata, "activations", src)
-            )
-        finally:
-            prefetch.close()
+        reads = batch_reads(src, [p.key for p in ordered], row_chunks)
+        commit = sealed(metadata, "activations", src)
+        written = job.stream(ordered, metadata, reads, produce, commit)
     return job.summary(plans, written, items="layers", approx=approx.value)
 
 
 def batch_reads(src: Tensors, keys: list[str], row_chunks: dict[str, list[tuple[int, int]]]):
-    """``(nbytes, read)`` of every batch chunk of every key, in order (for a Prefetcher)."""
+    """The :class:`Read` of every batch chunk of every key, in order."""
     for key in keys:
         info = src.infos[key]
         row_len = math.prod(info.shape[1:])
         for start, stop in row_chunks[key]:
-            yield (
+            yield Read(
+                key,
+                (start, stop),
                 (stop - start) * row_len * info.dtype.itemsize,
                 lambda buf, k=key, r=(row_len, start, stop), s=info.shape: src.read(k, buf, r).view(
                     r[2] - r[1], *s[1:]

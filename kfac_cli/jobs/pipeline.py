@@ -5,7 +5,29 @@ Reads run a few chunks ahead on a :class:`Prefetcher` thread into buffers from a
 (host to device, compute, device to host) and hands the result to a
 :class:`BackgroundWriter`, whose thread writes it and then releases its buffers. Reads,
 copies and writes release the GIL, so I/O and compute overlap even with one compute thread;
-memory stays a few chunks.
+memory stays a few chunks. :meth:`kfac_cli.jobs.skeleton.Job.stream` sets the three up and
+tears them down on every path; a job writes only what it computes per chunk.
+
+Thread rules:
+
+- **Who owns a buffer.** A pool buffer belongs to the reader from ``pool.get`` until its
+  :class:`Read` is done; then to the main thread, which gets it with the tensor from
+  :meth:`Prefetcher.next`; then to whoever it hands it on to: the writer thread, through a
+  ``done`` callback that returns it (``release``) after the write, or the pool directly
+  once nothing refers to it any more. Nobody touches a buffer it does not own.
+- **How many buffers.** A pool holds ``ahead + 2`` buffers: ``ahead + 1`` reads in flight
+  or waiting, and one with the consumer. That is also the least with which
+  :meth:`Prefetcher.close` returns after an error left one buffer with the consumer: the
+  reads still queued can each get one. :class:`Prefetcher` asserts it.
+- **In step.** Each read carries what it reads (a tensor's key and row range); the
+  consumer names what it expects in :meth:`Prefetcher.next`, and a mismatch is a bug that
+  stops the run (two reads of the same size swapped would otherwise go unnoticed).
+- **Reading.** One reader thread; files are read with positional reads (``preadv``), so
+  no handle's offset is shared state.
+- **Errors.** A read that fails returns its buffer and raises in :meth:`Prefetcher.next`;
+  a write that fails is re-raised by the next ``put`` or by ``close``; on any error the
+  main thread aborts the writer (joined with a bound) and closes the prefetcher (queued
+  reads cancelled, the one running waited for), and the output file is removed.
 
 On a CUDA device the stage also overlaps the transfers with the kernels: copies in run on
 their own stream, the compute stream waits for them on an event; copies out run on a third
@@ -21,17 +43,21 @@ import queue
 import threading
 from collections import deque
 from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
 from kfac_cli.files.writer import SafetensorsWriter
 
+ABORT_SECONDS = 60.0  # how long an abort waits for the write in progress
+
 
 class BufferPool:
     """Reusable byte buffers (fresh memory is slow to touch; reused memory is not)."""
 
     def __init__(self, count: int, device: torch.device, pin_memory: bool = False) -> None:
+        self.count = count
         self._free: queue.Queue[Tensor | None] = queue.Queue()
         for _ in range(count):
             self._free.put(None)
@@ -116,34 +142,46 @@ class BackgroundWriter:
         self._writer.close()
 
     def abort(self) -> None:
-        """Stop after the item being written (used on errors and interrupts)."""
-        self._error = self._error or RuntimeError("aborted")
-        self._items.put(self._STOP)
-        self._thread.join()
+        """Stop after the item being written (used on errors and interrupts); waits at
+        most :data:`ABORT_SECONDS` for it (a write blocked on a full pipe stays behind, in
+        a daemon thread)."""
+        self._error = self._error or RuntimeError("aborted")  # the rest is not written,
+        try:  # but each queued item's ``done`` still runs (its buffers go back)
+            self._items.put(self._STOP, timeout=ABORT_SECONDS)
+        except queue.Full:
+            return
+        self._thread.join(ABORT_SECONDS)
+
+
+@dataclass(frozen=True)
+class Read:
+    """One prefetched read: what it reads (a tensor's key and row range ``start:stop``),
+    how many bytes, and ``read(buffer)``, which fills a ``uint8`` buffer of at least
+    ``nbytes`` and returns the tensor in it."""
+
+    key: str
+    rows: tuple[int, int]
+    nbytes: int
+    read: Callable[[Tensor], Tensor]
 
 
 class Prefetcher:
-    """Runs reads in a fixed order on a thread, a few ahead of the consumer.
+    """Runs reads in a fixed order on one thread, a few ahead of the consumer.
 
-    Each read gets a buffer from ``pool``; the consumer returns it (``pool.put``) once
-    nothing refers to it any more.
+    Each read gets a buffer from ``pool``; the consumer returns it (:meth:`release`) once
+    nothing refers to it any more. See the module docstring for the thread rules.
 
     Args:
-        reads: ``(nbytes, read)`` pairs, in the order :meth:`next` will be called;
-            ``read(buffer)`` fills a ``uint8`` buffer of at least ``nbytes`` and returns the
-            tensor in it.
-        pool: Where the buffers come from.
+        reads: The reads, in the order :meth:`next` will ask for them.
+        pool: Where the buffers come from (at least ``ahead + 2`` of them).
         ahead: How many reads may run ahead of the consumer.
     """
 
-    def __init__(
-        self,
-        reads: Iterable[tuple[int, Callable[[Tensor], Tensor]]],
-        pool: BufferPool,
-        ahead: int = 1,
-    ) -> None:
+    def __init__(self, reads: Iterable[Read], pool: BufferPool, ahead: int = 1) -> None:
         from concurrent.futures import ThreadPoolExecutor
 
+        if pool.count < ahead + 2:
+            raise ValueError(f"a pool of {pool.count} buffers for {ahead} reads ahead")
         self._reads, self._pool = iter(reads), pool
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="kfac-cli-reader")
         self._pending: deque = deque()
@@ -153,21 +191,37 @@ class Prefetcher:
     def _submit(self) -> None:
         item = next(self._reads, None)
         if item is not None:
-            self._pending.append(self._executor.submit(self._load, *item))
+            self._pending.append((item, self._executor.submit(self._load, item)))
 
-    def _load(self, nbytes: int, read: Callable[[Tensor], Tensor]) -> tuple[Tensor, Tensor]:
-        buf = self._pool.get(nbytes)
+    def _load(self, item: Read) -> tuple[Tensor, Tensor]:
+        buf = self._pool.get(item.nbytes)
         try:
-            return read(buf), buf
+            return item.read(buf), buf
         except BaseException:
             self._pool.put(buf)
             raise
 
-    def next(self) -> tuple[Tensor, Tensor]:
-        """The next tensor and its buffer; starts another read."""
-        future = self._pending.popleft()
+    def next(self, key: str, rows: tuple[int, int]) -> tuple[Tensor, Tensor]:
+        """The next tensor, which must be rows ``start:stop`` of ``key``, and its buffer;
+        starts another read.
+
+        Raises:
+            RuntimeError: When the next read is not what the consumer expects (a bug).
+        """
+        if not self._pending:
+            raise RuntimeError(f"reader and consumer out of step: {key} {rows} was never read")
+        item, future = self._pending.popleft()
+        if (item.key, tuple(item.rows)) != (key, tuple(rows)):
+            raise RuntimeError(
+                f"reader and consumer out of step: expected {key} rows {rows}, "
+                f"read {item.key} rows {item.rows}"
+            )
         self._submit()
         return future.result()
+
+    def release(self, buf: Tensor) -> None:
+        """Give a buffer back to the pool (nothing refers to it any more)."""
+        self._pool.put(buf)
 
     def close(self) -> None:
         self._executor.shutdown(wait=True, cancel_futures=True)

@@ -29,7 +29,7 @@ from kfac_cli.files.safetensors import DTYPE_NAMES
 from kfac_cli.files.sources import Tensors, fingerprint
 from kfac_cli.files.writer import SafetensorsWriter
 from kfac_cli.jobs.devices import resolve_device, resolve_dtype
-from kfac_cli.jobs.pipeline import BackgroundWriter, DeviceStage
+from kfac_cli.jobs.pipeline import BackgroundWriter, BufferPool, DeviceStage, Prefetcher, Read
 from kfac_cli.models.table import Layer, LayerTable, matches
 
 CHUNK_BYTES = 8 * 2**20  # output bytes per batch chunk: large enough to amortise, small enough
@@ -144,6 +144,40 @@ class Job:
                 writer.finish_header(final)
             return writer.bytes_written
 
+    def stream(
+        self,
+        plans: list[Plan],
+        metadata: dict[str, str],
+        reads: Iterable[Read],
+        produce: Callable[[Plan, Callable, Prefetcher], None],
+        before_commit: Callable[[], dict[str, str] | None] = lambda: None,
+        *,
+        ahead: int = 1,
+        write: bool = True,
+    ) -> int:
+        """The one streaming loop every job runs: ``reads`` on a reader thread into a pool
+        of ``ahead + 2`` buffers, ``produce(plan, put, prefetch)`` for each plan (it takes
+        each chunk with ``prefetch.next(key, rows)`` and hands results to ``put``), the
+        writer thread, and the teardown of all three on every path (see
+        :mod:`~kfac_cli.jobs.pipeline` for the thread rules). ``write=False`` (a torchrun
+        rank that only sums) runs the same loop and drops what it puts. The bytes written.
+        """
+        pool = BufferPool(ahead + 2, CPU, pin_memory=self.device.type == "cuda")
+        prefetch = Prefetcher(reads, pool, ahead)
+        try:
+
+            def step(plan: Plan, put: Callable) -> None:
+                produce(plan, put, prefetch)
+
+            if write:
+                return self.write(plans, metadata, step, before_commit)
+            for plan in plans:
+                step(plan, lambda *args, **kwargs: None)
+            before_commit()
+            return 0
+        finally:
+            prefetch.close()
+
     def summary(
         self, plans: list[Plan], written: int, items: str = "tensors", **fields: object
     ) -> dict:
@@ -165,6 +199,32 @@ class Job:
             "bytes": written,
             "seconds": round(time.perf_counter() - self.started, 4),
         }
+
+
+def as_enums(options: object, **enums: type) -> None:
+    """In a frozen options value's ``__post_init__``: each named field as its enum (the
+    keyword API takes values, ``approx="reduce"``), globs as a tuple.
+
+    Raises:
+        KfacError: For a value no member has.
+    """
+    for name, enum in enums.items():
+        value = getattr(options, name)
+        if value is not None:
+            try:
+                object.__setattr__(options, name, enum(value))
+            except ValueError:
+                names = ", ".join(m.value for m in enum)
+                raise KfacError(None, name, f"one of {names}", repr(value)) from None
+    if hasattr(options, "patterns"):
+        object.__setattr__(options, "patterns", tuple(options.patterns or ()))
+
+
+def options_of(kind: type, options: object | None, settings: dict) -> object:
+    """A job's options value: ``options`` as given, or built from keyword ``settings``."""
+    if options is not None and settings:
+        raise TypeError("give options or keyword settings, not both")
+    return options if options is not None else kind(**settings)
 
 
 def model_ref(model: object) -> dict[str, str]:
