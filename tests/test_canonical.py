@@ -1,4 +1,4 @@
-"""The canonical layout against SPEC.md's formula written out by hand."""
+"""The canonical layout against docs/formats.md's formula written out by hand."""
 
 from __future__ import annotations
 

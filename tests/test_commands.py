@@ -54,7 +54,7 @@ def test_patches_end_to_end(cnn, tmp_path, approx, dtype):
         else:  # batch chunks may change the matmul's summation order
             torch.testing.assert_close(got[name], expected, rtol=1e-6, atol=1e-7)
         if layer.is_conv and approx == "expand":
-            # SPEC.md's defining property on the groups-averaged input, with torch's conv.
+            # docs/formats.md's defining property on the groups-averaged input, with torch's conv.
             c = layer.conv
             g = c.groups
             xm = x.reshape(x.shape[0], g, -1, *x.shape[2:]).mean(1)

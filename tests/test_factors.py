@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import math
 
 import pytest
 import torch
@@ -713,17 +714,29 @@ def test_library_errors_name_no_flags(shards, tmp_path):
         run_merge([str(pt2)], str(tmp_path / "o"))
 
 
-def test_factors_help_and_summary(shards, tmp_path):
+def test_factors_json_summary_describes_the_file(shards, tmp_path):
+    """The --json summary names every tensor of the file with its shape, dtype and bytes,
+    the sample count and conventions of its metadata, and the bytes on disk."""
     pt2, acts, grads = shards
-    proc = run_cli(
-        "factors", pt2, *acts, "--grads", *grads, "-o", tmp_path / "f.safetensors", "--json"
-    )
+    out = tmp_path / "f.safetensors"
+    proc = run_cli("factors", pt2, *acts, "--grads", *grads, "-o", out, "--json")
     assert proc.returncode == 0, proc.stderr
     summary = json.loads(proc.stdout)
-    assert summary["num_data"] == 20 and summary["fisher_type"] == "mc"
-    assert {f["name"] for f in summary["factors"]} == {f"{n}.{x}" for n in "024" for x in "AG"}
-    itemsize = {"float32": 4, "float64": 8}[summary["dtype"]]  # the dumps' dtype
-    assert summary["factors"][0]["bytes"] == 28 * 28 * itemsize
+    with safe_open(str(out), "pt") as f:
+        meta = f.metadata()
+        on_disk = {
+            k: (list(f.get_slice(k).get_shape()), f.get_slice(k).get_dtype())
+            for k in f.keys()  # noqa: SIM118
+        }
+    listed = {t["name"]: (t["shape"], t["dtype"]) for t in summary["factors"]}
+    dtype_names = {"float32": "F32", "float64": "F64"}
+    assert {k: (s, dtype_names[d]) for k, (s, d) in listed.items()} == on_disk
+    for t in summary["factors"]:
+        assert t["bytes"] == math.prod(t["shape"]) * {"float32": 4, "float64": 8}[t["dtype"]]
+    assert summary["bytes"] == out.stat().st_size
+    assert summary["num_data"] == int(meta["num_data"]) == 20
+    assert summary["fisher_type"] == meta["fisher_type"] == "mc"
+    assert summary["dtype"] == meta["dtype"]
 
 
 @pytest.mark.cuda

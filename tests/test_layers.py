@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 
 import pytest
@@ -163,11 +164,22 @@ def test_mlp_stack_table(tmp_path):
 
 @pytest.mark.parametrize("fmt", ["pt2", "safetensors", "pt"])
 def test_layers_cli_formats(cnn, fmt):
+    """Each layer of the --json table is a row of the printed one: its name, kind, weight
+    shape, bias and canonical block size; every untreated parameter is listed."""
     _, files = cnn
     proc = run_cli("layers", files[fmt])
     assert proc.returncode == 0, proc.stderr
-    assert b"stem" in proc.stdout and b"head" in proc.stdout
-    assert b"bn.weight" in proc.stdout
+    table = json.loads(run_cli("layers", files[fmt], "--json", check=True).stdout)
+    rows = {line.split()[0]: line.split() for line in proc.stdout.decode().splitlines()[3:]}
+    for layer in table["layers"]:
+        row = rows[layer["name"]]
+        weight = "x".join(map(str, layer["weight_shape"]))
+        assert row[1:4] == [layer["kind"], weight, "yes" if layer["bias"] else "no"], row
+        assert int(row[-1]) == math.prod(layer["weight_shape"][1:]) * layer["weight_shape"][0] + (
+            layer["weight_shape"][0] if layer["bias"] else 0
+        )
+    for untreated in table["untreated"]:
+        assert f"  {untreated['name']} {untreated['shape']}" in proc.stdout.decode()
 
 
 def test_layers_cli_corrupt_checkpoint(tmp_path):

@@ -1,6 +1,6 @@
 """Patches and averaged patches against independent oracles.
 
-Oracles: PyTorch's own convolutions (SPEC.md's defining property), brute-force loops on
+Oracles: PyTorch's own convolutions (docs/formats.md's defining property), brute-force loops on
 tiny inputs, and the published curvlinops reference where it is defined.
 """
 
@@ -107,7 +107,7 @@ def _conv_module(n: int, c_in: int, c_out: int, kwargs: dict, dtype) -> torch.nn
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("case", CASES, ids=IDS)
 def test_defining_property_against_torch_conv(case, dtype):
-    """Groups = 1: ``patches[b] @ W.flatten(1).T == conv(x, W)[b]`` (SPEC.md)."""
+    """Groups = 1: ``patches[b] @ W.flatten(1).T == conv(x, W)[b]`` (docs/formats.md)."""
     _, n, c_in, size, kwargs = case
     kwargs = {**kwargs, "groups": 1}
     torch.manual_seed(0)
@@ -227,16 +227,14 @@ def test_unknown_reduce_method_is_refused():
         conv_averaged_patches(torch.ones(1, 1, 4), ConvParams.create(2, n=1), method="fft")
 
 
-def test_reduce_method_choice():
-    """The cases reach every method by default, each where the tuning says it is fastest."""
-    picked = {}
-    for name, _, _, size, kwargs in CASES:
+def test_the_cases_reach_every_reduce_method_by_default():
+    """Every method the default choice can make is exercised by the reference cases (each
+    method's numbers are checked by test_every_reduce_method, whichever is chosen)."""
+    picked = set()
+    for _, _, _, size, kwargs in CASES:
         params = ConvParams.create(**kwargs, n=len(size))
-        picked[name] = reduce_method(tap_dims(params, size))
-    assert set(picked.values()) == set(REDUCE_METHODS)
-    assert picked["2d-wide-1x1-s2"] == picked["2d-large-dil-beyond"] == "window"
-    assert picked["2d-large-s1"] == picked["1d-long-s1"] == "strided"
-    assert picked["2d-basic"] == picked["2d-large-s2"] == picked["1d-long"] == "separable"
+        picked.add(reduce_method(tap_dims(params, size)))
+    assert picked == set(REDUCE_METHODS)
 
 
 @pytest.mark.parametrize("approx", ["expand", "reduce"])
