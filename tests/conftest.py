@@ -141,3 +141,27 @@ def _write_all(fd: int, data: bytes) -> None:
     view = memoryview(data)
     while view:
         view = view[os.write(fd, view) :]
+
+
+_PROCESS_CALLS = ("run_cli(", "subprocess.", "kfac_cli_exe(", "torchrun_command(", "interrupt_mid_write(")
+
+
+def pytest_collection_modifyitems(config, items) -> None:
+    """Tests that start processes (the real CLI, torchrun ranks, the examples) are ``slow``
+    unless marked ``smoke``: ``pytest -m "not slow"`` (the inner loop) runs every module
+    in-process, the full suite runs everything."""
+    import inspect
+
+    seen: dict = {}
+    for item in items:
+        fn = getattr(item, "function", None)
+        if fn is None or item.get_closest_marker("smoke") or item.get_closest_marker("slow"):
+            continue
+        if fn not in seen:
+            try:
+                source = inspect.getsource(fn)
+            except (OSError, TypeError):
+                source = ""
+            seen[fn] = any(call in source for call in _PROCESS_CALLS)
+        if seen[fn]:
+            item.add_marker(pytest.mark.slow)

@@ -74,7 +74,12 @@ def _our_lines(stderr: bytes) -> list[str]:
 
 @pytest.mark.parametrize(
     "count,approx,with_grads",
-    [(1, "expand", True), (2, "reduce", False), (3, "expand", False), (7, "reduce", True)],
+    [
+        pytest.param(1, "expand", True, marks=pytest.mark.smoke),
+        pytest.param(2, "reduce", False, marks=pytest.mark.slow),
+        pytest.param(3, "expand", False, marks=pytest.mark.slow),
+        pytest.param(7, "reduce", True, marks=pytest.mark.slow),
+    ],
     ids=["1-shard-rows", "2-shards", "3-shards", "7-shards"],
 )
 def test_ranks_equal_one_process(shards, tmp_path, count, approx, with_grads):
@@ -101,6 +106,7 @@ def test_ranks_equal_one_process(shards, tmp_path, count, approx, with_grads):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ranks.safetensors", "single.safetensors"]
 
 
+@pytest.mark.slow
 def test_a_bad_shard_on_one_rank_fails_every_rank(shards, tmp_path):
     pt2, acts, _ = shards
     x = load_file(acts[1])

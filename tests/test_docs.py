@@ -70,6 +70,7 @@ def test_readme_python_blocks_run(index, tmp_path):
     assert proc.returncode == 0, proc.stderr
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "script", ["quickstart.py", "record_activations.py", "kfac_step.py", "plot_factor.py"]
 )
@@ -84,6 +85,7 @@ def test_example_runs_and_checks_itself(script, tmp_path):
     assert "passed" in proc.stdout
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("script", ["pipeline.sh", "distributed.sh"])
 def test_shell_example(tmp_path, script):
     proc = subprocess.run(

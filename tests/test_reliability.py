@@ -301,6 +301,7 @@ def test_malicious_pickle_checkpoints(base, outdir, tmp_path, suffix):
             _check_failure(invoke(*argv), bad, outdir, b"old result")
 
 
+@pytest.mark.slow
 def test_malicious_pickle_as_subprocess_with_env_override(base, outdir, tmp_path):
     bad = tmp_path / "evil.pt"
     torch.save({"w": Payload(MARKER)}, bad)
@@ -487,6 +488,7 @@ def test_fuzzed_inputs_never_crash(base, tmp_path_factory, data):
 
 
 @pytest.mark.parametrize("case", ST_CASES)
+@pytest.mark.slow
 def test_corrupt_dump_as_subprocess(base, outdir, tmp_path, case):
     """The same contract from the installed CLI: exit code, one line, nothing written."""
     bad = tmp_path / f"bad-{case}.safetensors"
@@ -498,6 +500,7 @@ def test_corrupt_dump_as_subprocess(base, outdir, tmp_path, case):
 
 
 @pytest.mark.parametrize("case", ["dotdot", "bomb", "garbage-zip", "pickle-renamed"])
+@pytest.mark.slow
 def test_bad_pt2_as_subprocess(base, outdir, tmp_path, case):
     pt2 = _bad_pt2(base, tmp_path, case)
     _check_failure(run_cli("layers", pt2), pt2, outdir, b"old result")
