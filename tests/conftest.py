@@ -143,7 +143,13 @@ def _write_all(fd: int, data: bytes) -> None:
         view = view[os.write(fd, view) :]
 
 
-_PROCESS_CALLS = ("run_cli(", "subprocess.", "kfac_cli_exe(", "torchrun_command(", "interrupt_mid_write(")
+_PROCESS_CALLS = (
+    "run_cli(",
+    "subprocess.",
+    "kfac_cli_exe(",
+    "torchrun_command(",
+    "interrupt_mid_write(",
+)
 
 
 def pytest_collection_modifyitems(config, items) -> None:

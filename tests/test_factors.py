@@ -686,7 +686,10 @@ def test_folded_batch_layers_count_samples_from_the_metadata(tmp_path, approx, r
     assert load_file(tmp_path / "acts-00000.safetensors")["mix"].shape == (8, 4, 4)
     assert load_file(tmp_path / "acts-00000.safetensors")["pos"].shape == (1, 2, 4, 4)
     for name in ("conv", "pos", "mix", "head"):
-        torch.testing.assert_close(got[f"{name}.A"], reference._input_covariances[name])
+        # expand: A averages over the P·S locations of a sample (curvlinops: over the S of
+        # a row, P = 4 times too large; see test_folding_the_batch_changes_no_curvature)
+        per_row = 4 if name == "mix" and approx == "expand" else 1
+        torch.testing.assert_close(got[f"{name}.A"], reference._input_covariances[name] / per_row)
         if name == "pos" and reduction == "mean":
             continue
         fold = 16 if name == "mix" and reduction == "mean" else 1
@@ -703,6 +706,41 @@ def test_folded_batch_layers_count_samples_from_the_metadata(tmp_path, approx, r
         )
         for name in ("conv", "pos", "mix", "head"):
             torch.testing.assert_close(got[f"{name}.G"], summed[f"{name}.G"] / 5)
+
+
+class Mix(nn.Module):
+    """A linear layer over P windows of S tokens, with the batch folded into the leading
+    axis (``[B·P, S, C]``, as Swin's window attention) or not (``[B, P·S, C]``): the same
+    function, so the same curvature."""
+
+    def __init__(self, folded: bool) -> None:
+        super().__init__()
+        self.folded = folded
+        self.mix = nn.Linear(3, 4)
+        self.head = nn.Linear(4 * 8, 2)
+
+    def forward(self, x):  # x: [B, P·S = 8, 3], P = 4 windows of S = 2
+        b = x.shape[0]
+        h = self.mix(x.reshape(b * 4, 2, 3) if self.folded else x)
+        return self.head(torch.tanh(h).reshape(b, -1))
+
+
+@pytest.mark.parametrize("reduction", ["sum", "mean"])
+def test_folding_the_batch_changes_no_curvature(tmp_path, reduction):
+    """G ⊗ A of a layer is the same whether or not the model folds the batch into the
+    layer's leading axis (KFAC-expand averages A over the locations of a sample)."""
+    torch.manual_seed(0)
+    data = [(torch.randn(b, 8, 3, dtype=torch.float64), torch.randint(0, 2, (b,))) for b in (3, 2)]
+    loss = nn.CrossEntropyLoss(reduction=reduction)
+    kron = {}
+    for folded in (False, True):
+        model = Mix(folded).double()
+        torch.manual_seed(1)
+        for p in model.parameters():
+            nn.init.normal_(p)
+        got, _, _ = _ours(model, loss, data, tmp_path / str(folded), "empirical", "expand", False)
+        kron[folded] = torch.kron(got["mix.G"], got["mix.A"])
+    torch.testing.assert_close(kron[True], kron[False], rtol=1e-12, atol=1e-12)
 
 
 def test_library_errors_name_no_flags(shards, tmp_path):

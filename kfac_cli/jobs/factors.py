@@ -690,9 +690,13 @@ class _Accumulator:
                 a_fold.add(rows, 1.0 / self.n)
         else:
             a = a_sum().zero_()
-            for _, info, x, check in self._chunks_of(w, grads=False):
+            for samples, info, x, check in self._chunks_of(w, grads=False):
                 check()
-                alpha = 1.0 / (locations(info.shape, conv) * self.n)
+                # per sample: its rows' locations, and the rows a leading axis folds into
+                # one sample (Swin's windows; 1 for an input computed once per batch)
+                lead = info.shape[0]
+                fold = lead // samples if lead % samples == 0 else 1
+                alpha = 1.0 / (locations(info.shape, conv) * fold * self.n)
                 input_covariance(
                     x, conv, self.approx, bias, out=a, alpha=alpha, scratch=self.scratch
                 )
