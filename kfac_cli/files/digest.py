@@ -65,14 +65,10 @@ class TensorDigests:
 def fingerprint_of(metadata: dict[str, str], tensors: dict[str, tuple[str, list[int], str]]) -> str:
     """``sha256:<hex>`` of a file's metadata and its tensors' ``(dtype, shape, hash)``."""
     desc = {"metadata": metadata, "tensors": {k: list(v) for k, v in sorted(tensors.items())}}
-    raw = json.dumps(desc, sort_keys=True, separators=(",", ":")).encode()
+    return json_fingerprint(desc)
+
+
+def json_fingerprint(value: object) -> str:
+    """``sha256:<hex>`` of a value's compact, key-sorted JSON (a layer table)."""
+    raw = json.dumps(value, sort_keys=True, separators=(",", ":")).encode()
     return f"sha256:{hashlib.sha256(raw).hexdigest()}"
-
-
-def file_fingerprint(path: object) -> str:
-    """``sha256:<hex>`` of a whole file's bytes (a model checkpoint)."""
-    h = hashlib.sha256()
-    with open(str(path), "rb") as fh:
-        while chunk := fh.read(HASH_CHUNK):
-            h.update(chunk)
-    return f"sha256:{h.hexdigest()}"

@@ -222,7 +222,7 @@ def run_canonicalize(
             layout=layout,
             columns=columns,
             batch_first=batch_first,
-            model=model_ref(model),
+            model=model_ref(model, table),
             tensors=PENDING,
             blocks=[p.meta for p in plans],
             parameters=[

@@ -348,7 +348,7 @@ def _run(ranks: Ranks, model, activations, out, grads, opts: FactorsOptions, rep
         conv = conventions(inputs.grads, opts)
         works, batches = _plan(table, inputs, model, opts, job)
         fields = _fields(job, inputs, works, batches, conv, opts)
-        fields["model"] = model_ref(model) if ranks.writer else {}
+        fields["model"] = model_ref(model, table)
         plans = _plans(works, job.cast, conv.fisher_type is FisherType.FORWARD_ONLY, opts.eigh)
         accumulate = _Accumulator(job, inputs, works, batches, conv, opts, ranks)
         written = _stream(job, inputs, plans, fields, accumulate, ranks)

@@ -108,7 +108,7 @@ def run_patches(
             PATCHES,
             approx=approx.value,
             bias_column=bias_column,
-            model=model_ref(model),
+            model=model_ref(model, table),
             activations=PENDING,
             layers={p.key: p.meta for p in plans},
         )

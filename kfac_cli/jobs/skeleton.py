@@ -22,7 +22,7 @@ import torch
 
 from kfac_cli import __version__
 from kfac_cli.errors import KfacError
-from kfac_cli.files.digest import file_fingerprint
+from kfac_cli.files.digest import json_fingerprint
 from kfac_cli.files.kinds import LAYOUT_VERSION
 from kfac_cli.files.output import atomic_output, check_target
 from kfac_cli.files.safetensors import DTYPE_NAMES
@@ -227,10 +227,13 @@ def options_of(kind: type, options: object | None, settings: dict) -> object:
     return options if options is not None else kind(**settings)
 
 
-def model_ref(model: object) -> dict[str, str]:
-    """How an output records its model: the file's name and the fingerprint of its bytes
-    (never the path given, so identical inputs give identical outputs wherever they are)."""
-    return {"file": Path(str(model)).name, "fingerprint": file_fingerprint(model)}
+def model_ref(model: object, table: LayerTable) -> dict[str, str]:
+    """How an output records its model: the file's name and the fingerprint of its layer
+    table (what an output depends on: layers, parameter names and shapes, hyper-parameters;
+    its weights are in the dumps' fingerprints), never the path given, so identical inputs
+    give identical outputs wherever they are, and a 10 GB checkpoint is not read again."""
+    layout = {k: v for k, v in table.to_json().items() if k != "source"}
+    return {"file": Path(str(model)).name, "fingerprint": json_fingerprint(layout)}
 
 
 def sealed(metadata: dict[str, str], key: str, src: Tensors) -> Callable[[], dict[str, str]]:
