@@ -187,3 +187,16 @@ def test_eigh_falls_back_when_lapack_fails(monkeypatch):
     torch.testing.assert_close(
         vals, torch.sort(torch.linalg.eigvalsh(a)).values, atol=1e-10, rtol=0
     )
+
+
+def test_a_pickled_conv_with_its_own_forward_is_not_guessed(tmp_path):
+    """A pickled module shows no graph: a conv class that overrides forward (and may pad
+    its input) is listed as untreated with the reason, never treated with a guess."""
+    torch.manual_seed(0)
+    model = nn.Sequential(FOLDED["zero+same"][0], nn.Conv2d(4, 2, 1))
+    path = tmp_path / "module.pt"
+    torch.save(model, path)
+    table = load_layer_table(path, unsafe_pickle=True)
+    assert table.layer("0") is None and table.layer("1") is not None
+    (untreated,) = table.untreated_layers
+    assert untreated["name"] == "0" and "overrides forward" in untreated["reason"]

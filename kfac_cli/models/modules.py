@@ -42,8 +42,16 @@ def table_from_module(model: nn.Module, source: str) -> LayerTable:
         if kind is None:
             continue
         weight = getattr(module, "weight", None)
+        base = next(cls for cls in KINDS if isinstance(module, cls))
+        why = None
         if not isinstance(weight, nn.Parameter):
             why = "its weight is computed by a parametrization or hook"
+        elif type(module).forward is not base.forward:  # it may pad or change its input
+            why = (
+                f"{type(module).__name__} overrides forward, which a pickled module does not "
+                "show (export the model with torch.export to see what it computes)"
+            )
+        if why is not None:
             untreated_layers.append(
                 {
                     "name": mname,
