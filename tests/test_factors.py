@@ -17,7 +17,13 @@ from torch import nn
 from kfac_cli.errors import KfacError
 from kfac_cli.jobs.factors import run_factors, run_merge
 from kfac_cli.ops.conv import ConvParams
-from kfac_cli.ops.factors import conv_covariance, input_covariance, mirror_
+from kfac_cli.ops.factors import (
+    conv_covariance,
+    input_covariance,
+    mirror_,
+    reordered_rows,
+    tap_order,
+)
 from kfac_cli.ops.patches import conv_patches
 from kfac_cli.record import record
 from tests.conftest import DEVICES, invoke, run_cli
@@ -781,11 +787,14 @@ def test_factors_json_summary_describes_the_file(shards, tmp_path):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 @pytest.mark.parametrize("approx", ["expand", "reduce"])
 def test_factors_on_cuda_match_the_cpu(shards, tmp_path, approx):
+    """Each device in a process of its own (in one process, a host block left unwritten
+    could hold the CPU run's values by chance: it did, and hid that the device's reordered
+    rows never reached the file)."""
     pt2, acts, grads = shards
     outs = {}
     for device in ("cpu", "cuda"):
         outs[device] = tmp_path / f"{device}.safetensors"
-        proc = invoke(
+        proc = run_cli(
             "factors",
             pt2,
             *acts,
@@ -803,3 +812,26 @@ def test_factors_on_cuda_match_the_cpu(shards, tmp_path, approx):
     for key in a:
         torch.testing.assert_close(b[key], a[key], rtol=1e-5, atol=1e-6 * a[key].abs().max())
         assert torch.equal(b[key], b[key].T)
+
+
+@pytest.mark.parametrize("bias", [False, True])
+def test_reordered_rows_into_a_given_block(bias):
+    """The writer's host block receives exactly rows start:stop of sym[perm][:, perm]: the
+    block itself is written, whether or not its device or dtype is the sums' (on a GPU the
+    rows were once reordered into a scratch buffer of the device and the block left as it
+    was)."""
+    torch.manual_seed(0)
+    channels, taps = 3, 4
+    perm = tap_order(channels, taps, bias)
+    n = len(perm)
+    sym = torch.randn(n, n, dtype=torch.float64)
+    full = sym[perm][:, perm]
+    for start, stop in [(0, n), (2, 7), (n - 1, n)]:
+        for dtype in (torch.float64, torch.float32):
+            block = torch.full((stop - start, n), float("nan"), dtype=dtype)
+            got = reordered_rows(sym, perm, start, stop, {}, out=block)
+            assert got.data_ptr() == block.data_ptr()
+            torch.testing.assert_close(block, full[start:stop].to(dtype))
+    block = torch.full((2, n), float("nan"), dtype=torch.float64)
+    reordered_rows(sym, None, 1, 3, {}, out=block)
+    assert torch.equal(block, sym[1:3])

@@ -649,14 +649,9 @@ class _Accumulator:
         for start in range(0, sym.shape[0], step):
             rows = min(step, sym.shape[0] - start)
             buf = self.out_pool.get(rows * width * self.dtype.itemsize)
-            block = view(buf, self.dtype, (rows, width))
-            if perm is None:
-                block.copy_(sym[start : start + rows])
-            else:
-                self.scratch["out"] = block.view(-1)  # the reordered rows land in the block
-                reordered_rows(sym, perm, start, start + rows, self.scratch)
+            block = view(buf, self.dtype, (rows, width))  # on the host, whatever the device
+            reordered_rows(sym, perm, start, start + rows, self.scratch, out=block)
             put(plan.key, block, None, lambda b=buf: self.out_pool.put(b))
-        self.scratch.pop("out", None)
 
     def _layer(self, w: Work) -> None:
         """Sum, combine over ranks, scale, symmetrise (and decompose) one layer's factors.

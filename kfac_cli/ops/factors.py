@@ -168,17 +168,23 @@ def reordered_rows(
     start: int = 0,
     stop: int | None = None,
     scratch: dict | None = None,
+    out: Tensor | None = None,
 ) -> Tensor:
     """Rows ``start:stop`` of ``sym[perm][:, perm]`` (``perm`` from :func:`tap_order`;
-    ``None``: no reordering, a view of ``sym``). Memory: the rows (in ``scratch`` buffers,
-    reused from call to call, if given: the result is one of them)."""
+    ``None``: no reordering, a view of ``sym``), or, given ``out`` (of the rows' shape, on
+    any device: a host block for the writer), written into ``out`` and returned. Memory:
+    the rows (in ``scratch`` buffers, reused from call to call, if given)."""
     if perm is None:
-        return sym[start:stop]
+        rows = sym[start:stop]
+        return rows if out is None else out.copy_(rows)
     t = perm[start:stop]
     rows = torch.index_select(
         sym, 0, t, out=scratch_buffer(scratch, "rows", (len(t), sym.shape[1]), sym)
     )
-    return torch.index_select(rows, 1, perm, out=scratch_buffer(scratch, "out", rows.shape, sym))
+    if out is not None and out.device == sym.device and out.dtype == sym.dtype:
+        return torch.index_select(rows, 1, perm, out=out)
+    result = torch.index_select(rows, 1, perm, out=scratch_buffer(scratch, "out", rows.shape, sym))
+    return result if out is None else out.copy_(result)  # from the device to the host block
 
 
 def scratch_buffer(
