@@ -133,6 +133,12 @@ Strict = Annotated[bool, typer.Option("--strict", help="Fail on NaN/Inf inputs (
 Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="No progress or warnings on stderr.")]
 JsonOut = Annotated[bool, typer.Option("--json", help="Print a JSON summary to stdout.")]
 Debug = Annotated[bool, typer.Option("--debug", help="Show tracebacks for errors.")]
+Eigh = Annotated[
+    bool,
+    typer.Option(
+        "--eigh", help="Also write each factor's eigenvalues and eigenvectors (float64 maths)."
+    ),
+]
 
 
 def _version(value: bool) -> None:
@@ -728,12 +734,7 @@ def factors(
             "--separate-bias", help="No ones column in A (weight and bias as separate blocks)."
         ),
     ] = False,
-    eigh: Annotated[
-        bool,
-        typer.Option(
-            "--eigh", help="Also write each factor's eigenvalues and eigenvectors (float64 maths)."
-        ),
-    ] = False,
+    eigh: Eigh = False,
     merge: Annotated[
         bool,
         typer.Option("--merge", help="Combine factor files made from disjoint data."),
@@ -919,12 +920,7 @@ def _info_text(summary: dict) -> str:
 def merge(
     factor_files: Annotated[list[str], typer.Argument(show_default=False, metavar="FACTORS...")],
     output: Out,
-    eigh: Annotated[
-        bool,
-        typer.Option(
-            "--eigh", help="Also write each factor's eigenvalues and eigenvectors (float64 maths)."
-        ),
-    ] = False,
+    eigh: Eigh = False,
     force: Force = False,
     quiet: Quiet = False,
     as_json: JsonOut = False,

@@ -1,44 +1,21 @@
 """`kfac-cli info` as a library function: what files are and hold, from their headers.
 
-Torch-free: a safetensors header is parsed here with the standard library alone, a ``.pt2``
-through its graph JSON (:mod:`kfac_cli.models.pt2`), and no tensor data is read. A stream
+Torch-free: a safetensors header is read and validated by :mod:`kfac_cli.files.header` as
+every command reads it, a ``.pt2`` through its graph JSON (:mod:`kfac_cli.models.pt2`), and no
+tensor data is read. A stream
 (``-``) is read up to the end of its header.
 """
 
 from __future__ import annotations
 
 import json
-import struct
+import os
 from pathlib import Path
 
 from kfac_cli.errors import KfacError
-from kfac_cli.files.inputs import display_name, open_input, read_exactly
-from kfac_cli.files.kinds import MAX_HEADER_BYTES, Kind, identify
-
-ITEM_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1}
-ITEM_BYTES |= {"U8": 1, "U16": 2, "U32": 4, "U64": 8, "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1}
-
-
-def _header(fh, name: object) -> dict:
-    """A safetensors header as JSON, read from ``fh`` at its first byte."""
-    head = bytearray(8)
-    if read_exactly(fh, memoryview(head)) < 8:
-        raise KfacError(name, None, "a safetensors header", "fewer than 8 bytes")
-    (n,) = struct.unpack("<Q", head)
-    if n > MAX_HEADER_BYTES:
-        raise KfacError(name, None, f"a header of at most {MAX_HEADER_BYTES} bytes", f"{n}")
-    raw = bytearray(n)
-    if read_exactly(fh, memoryview(raw)) < n:
-        raise KfacError(name, None, f"a header of {n} bytes", "the input ended before")
-    try:
-        header = json.loads(raw)
-    except RecursionError:
-        raise KfacError(name, None, "a JSON header", "too deeply nested") from None
-    except (UnicodeDecodeError, ValueError) as e:
-        raise KfacError(name, None, "a JSON header", str(e)[:100]) from None
-    if not isinstance(header, dict):
-        raise KfacError(name, None, "a JSON object", type(header).__name__)
-    return header
+from kfac_cli.files.header import read_header
+from kfac_cli.files.inputs import display_name, open_input
+from kfac_cli.files.kinds import Kind, identify
 
 
 def _decode(value: str) -> object:
@@ -49,28 +26,19 @@ def _decode(value: str) -> object:
         return value
 
 
-def _tensors(header: dict, name: object) -> list[dict]:
-    out = []
-    for key, entry in header.items():
-        if key == "__metadata__":
-            continue
-        try:
-            dtype, shape = entry["dtype"], [int(s) for s in entry["shape"]]
-            begin, end = entry["data_offsets"]
-        except (KeyError, TypeError, ValueError):
-            raise KfacError(name, key, "an entry {dtype, shape, data_offsets}", "other") from None
-        out.append({"name": key, "dtype": dtype, "shape": shape, "bytes": end - begin})
-    return out
-
-
 def _safetensors(path: object, kind: Kind) -> dict:
-    fh, _ = open_input(path, stream_ok=True)
+    """A safetensors file's (or stream's) header, validated as every command reads it."""
+    fh, stream = open_input(path, stream_ok=True)
     with fh:
-        header = _header(fh, display_name(path))
-    meta = header.get("__metadata__") or {}
+        size = None if stream else os.fstat(fh.fileno()).st_size
+        infos, meta, _ = read_header(fh, display_name(path), size)
+    tensors = [
+        {"name": k, "dtype": i.dtype_name, "shape": list(i.shape), "bytes": i.nbytes}
+        for k, i in sorted(infos.items(), key=lambda kv: kv[1].begin)
+    ]
     return {
         "metadata": {k: _decode(v) for k, v in meta.items()},
-        "tensors": _tensors(header, display_name(path)),
+        "tensors": tensors,
         "format": meta.get("format") or kind.format,
     }
 
@@ -80,6 +48,8 @@ def _index(path: Path) -> dict:
     shards = sorted(set(index["weight_map"].values()))
     tensors, metadata = [], {}
     for shard in shards:
+        if Path(shard).is_absolute() or ".." in Path(shard).parts or "/" in shard:
+            raise KfacError(path, shard, "a shard file name beside the index", "a path")
         one = _safetensors(path.parent / shard, Kind("safetensors"))
         tensors += one["tensors"]
         metadata = metadata or one["metadata"]
