@@ -102,6 +102,10 @@ def test_a_truncated_archive_says_truncated(run, tmp_path):
     cut = tmp_path / "cut.pt2"
     cut.write_bytes(run["pt2"].read_bytes()[:-100])
     _one_error(invoke("layers", cut), "truncated")
+    dump = tmp_path / "cut.safetensors"
+    dump.write_bytes(run["acts"][0].read_bytes()[:-100])
+    for args in (["patches", run["pt2"], dump, "-o", tmp_path / "o"], ["info", dump]):
+        _one_error(invoke(*args), "a truncated file (an activation dump")
 
 
 def test_fingerprints_identify_the_data(run, tmp_path):

@@ -64,6 +64,9 @@ class Kind:
     format: str | None = None
 
     def __str__(self) -> str:
+        if self.kind == "truncated" and self.format:
+            what = FORMATS.get(self.format, f"a file of format {self.format!r}")
+            return f"a truncated file ({what}, shorter than its header says)"
         if self.format in FORMATS:
             return f"{FORMATS[self.format]} ({self.format})"
         if self.format:
