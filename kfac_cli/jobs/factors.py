@@ -308,7 +308,7 @@ def run_factors(
 
 
 def _open_all(paths: list[Path | str], role: str) -> list[Tensors]:
-    """Open every file for ``role`` (see :func:`open_tensors`); at most one stream."""
+    """Open every file for ``role`` (see :func:`open_tensors`), or none of them."""
     sources: list[Tensors] = []
     try:
         for path in paths:
@@ -317,12 +317,18 @@ def _open_all(paths: list[Path | str], role: str) -> list[Tensors]:
         for src in sources:
             src.close()
         raise
+    return sources
+
+
+def _one_stream(sources: list[Tensors]) -> None:
+    """At most one of a run's inputs is a stream (each is read once, in its own order).
+
+    Raises:
+        KfacError: Naming the second stream.
+    """
     streams = [s.path for s in sources if s.sequential]
     if len(streams) > 1:
-        for src in sources:
-            src.close()
-        raise KfacError(streams[1], None, "at most one input stream", f"{len(streams)}")
-    return sources
+        raise KfacError(streams[1], None, "at most one input stream", str(len(streams)))
 
 
 def _run(ranks: Ranks, model, activations, out, grads, opts: FactorsOptions, reporter) -> dict:
@@ -343,14 +349,13 @@ def _run(ranks: Ranks, model, activations, out, grads, opts: FactorsOptions, rep
     inputs = Inputs(_open_all(activations, "activations"), [])
     try:
         inputs.grads = _open_all(grads, "grads")
-        if sum(s.sequential for s in inputs.all) > 1:
-            raise KfacError("-", None, "at most one input stream", "more")
-        conv = conventions(inputs.grads, opts)
+        _one_stream(inputs.all)
+        agreed = conventions(inputs.grads, opts)
         works, batches = _plan(table, inputs, model, opts, job)
-        fields = _fields(job, inputs, works, batches, conv, opts)
+        fields = _fields(job, inputs, works, batches, agreed, opts)
         fields["model"] = model_ref(model, table)
-        plans = _plans(works, job.cast, conv.fisher_type is FisherType.FORWARD_ONLY, opts.eigh)
-        accumulate = _Accumulator(job, inputs, works, batches, conv, opts, ranks)
+        plans = _plans(works, job.cast, agreed.fisher_type is FisherType.FORWARD_ONLY, opts.eigh)
+        accumulate = _Accumulator(job, inputs, works, batches, agreed, opts, ranks)
         written = _stream(job, inputs, plans, fields, accumulate, ranks)
     finally:
         inputs.close()
@@ -360,14 +365,14 @@ def _run(ranks: Ranks, model, activations, out, grads, opts: FactorsOptions, rep
         written,
         items="factors",
         num_data=fields["num_data"],
-        **conv.to_json(),
-        forward_only=conv.fisher_type is FisherType.FORWARD_ONLY,
+        **agreed.to_json(),
+        forward_only=agreed.fisher_type is FisherType.FORWARD_ONLY,
         dtype=fields["dtype"],
         **(extra if ranks.world > 1 else {}),
     )
 
 
-def _fields(job: Job, inputs: Inputs, works, batches, conv: Conventions, opts) -> dict:
+def _fields(job: Job, inputs: Inputs, works, batches, agreed: Conventions, opts) -> dict:
     """The factors file's metadata fields (fingerprints :data:`PENDING`); sets the job's
     accumulation dtype (the dumps' own precision, never narrower than float32) and says
     when it writes forward-only factors without being asked to."""
@@ -379,7 +384,7 @@ def _fields(job: Job, inputs: Inputs, works, batches, conv: Conventions, opts) -
             s.infos[k].dtype == torch.float64 for s in inputs.acts for w in works for k in w.keys
         )
         job.cast = torch.float64 if wide else torch.float32
-    forward_only = conv.fisher_type is FisherType.FORWARD_ONLY
+    forward_only = agreed.fisher_type is FisherType.FORWARD_ONLY
     if forward_only and not opts.fisher_type:
         job.reporter.note(
             "no output-gradient dumps given: writing forward-only factors (A only; G is "
@@ -391,7 +396,7 @@ def _fields(job: Job, inputs: Inputs, works, batches, conv: Conventions, opts) -
         works.sort(key=lambda w: first[w.layer.name])
     return dict(
         approx=opts.approx.value,
-        conventions=conv.to_json(),
+        conventions=agreed.to_json(),
         separate_bias=opts.separate_bias,
         num_data=n,
         dtype=str(job.cast).removeprefix("torch."),
@@ -571,12 +576,12 @@ class _Accumulator:
     """Reads, folds and scales one layer at a time, in the order of the plans."""
 
     def __init__(
-        self, job: Job, inputs: Inputs, works, batches, conv: Conventions, opts, ranks
+        self, job: Job, inputs: Inputs, works, batches, agreed: Conventions, opts, ranks
     ) -> None:
         self.job, self.acts, self.grads = job, inputs.acts, inputs.grads
         self.batches, self.n, self.units = batches, sum(batches), ranks.share(batches)
         self.works = {w.layer.name: w for w in works}
-        self.approx, self.conv = opts.approx, conv
+        self.approx, self.agreed = opts.approx, agreed
         self.ranks, self.separate_bias, self.eigh = ranks, opts.separate_bias, opts.eigh
         self.finite = {id(src): Finite(src.path, opts.strict, job.reporter) for src in inputs.all}
         self.dtype = job.cast or torch.float32
@@ -702,11 +707,11 @@ class _Accumulator:
                 g = g_sum().zero_()
             for samples, _, grad, check in self._chunks_of(w, grads=True):
                 c = loss_correction(
-                    self.conv.loss_reduction,
+                    self.agreed.loss_reduction,
                     samples,
-                    self.conv.terms,
+                    self.agreed.terms,
                     self.n,
-                    self.conv.mc_samples,
+                    self.agreed.mc_samples,
                 )
                 rows = gradient_rows(grad, conv is not None, self.approx)
                 if reduce:  # a reduce row sums every location of its sample
@@ -809,6 +814,7 @@ def run_merge(
     job = Job("merge", out, force=force, reporter=reporter)
     sources = _open_all(inputs, "factors")
     try:
+        _one_stream(sources)
         metas = [_factor_meta(src) for src in sources]
         _check_mergeable(sources, metas)
         try:
