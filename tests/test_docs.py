@@ -72,7 +72,14 @@ def test_readme_python_blocks_run(index, tmp_path):
 
 @pytest.mark.slow
 @pytest.mark.parametrize(
-    "script", ["quickstart.py", "record_activations.py", "kfac_step.py", "plot_factor.py"]
+    "script",
+    [
+        "quickstart.py",
+        "record_activations.py",
+        "record_shards.py",
+        "kfac_step.py",
+        "plot_factor.py",
+    ],
 )
 def test_example_runs_and_checks_itself(script, tmp_path):
     proc = subprocess.run(
