@@ -180,7 +180,8 @@ def _case_files(case: Case, folder):
     model, x = build(case)
     loss = nn.CrossEntropyLoss(reduction="sum")
     y = torch.randint(0, 3, (x.shape[0],))
-    pairs = record(model, [(x, y)], loss, folder, fisher_type="empirical", run="fuzz")
+    data = [(x, y), (x.flip(0), y.flip(0))]  # a second dump, for merge
+    pairs = record(model, data, loss, folder, fisher_type="empirical", run="fuzz")
     acts, grads = pairs[0]
     if case.dtype == torch.float16:  # a float16 model's dump, as far as kfac-cli sees
         save_file(
@@ -190,7 +191,7 @@ def _case_files(case: Case, folder):
         )
     pt2 = folder / "model.pt2"
     torch.export.save(torch.export.export(model, (x,)), pt2)
-    return model, pt2, acts, grads
+    return model, pt2, acts, grads, pairs[1]
 
 
 def _ok_or_overflow(proc, case: Case) -> bool:
@@ -206,7 +207,7 @@ def _ok_or_overflow(proc, case: Case) -> bool:
 
 def run_case(seed: int, tmp_path) -> None:
     case = draw(seed)
-    model, pt2, acts, grads = _case_files(case, tmp_path)
+    model, pt2, acts, grads, second = _case_files(case, tmp_path)
     dump = load_file(acts)
     table = json.loads(invoke("layers", pt2, "--json", check=True).stdout)
     names = {la["name"] for la in table["layers"]}
@@ -260,6 +261,21 @@ def run_case(seed: int, tmp_path) -> None:
         torch.testing.assert_close(a, want_a, rtol=1e-7, atol=1e-12 * float(want_a.abs().max()))
         g = g_dump[key].double().movedim(2, -1).reshape(-1, gf.shape[0])
         torch.testing.assert_close(gf, g.T @ g, rtol=1e-7, atol=1e-12 * float(gf.abs().max()))
+    # merge: the factors of each dump, merged, are the factors of both
+    both, halves = tmp_path / "both.safetensors", []
+    for a_file, g_file in ((acts, grads), second):
+        halves.append(tmp_path / f"half{len(halves)}.safetensors")
+        invoke("factors", pt2, a_file, "--grads", g_file, "-o", halves[-1], "--dtype", "float64",
+               check=True)  # fmt: skip
+    invoke("factors", pt2, acts, second[0], "--grads", grads, second[1], "-o", both,
+           "--dtype", "float64", check=True)  # fmt: skip
+    merged = tmp_path / "merged.safetensors"
+    invoke("merge", *halves, "-o", merged, check=True)
+    want, got_m = load_file(both), load_file(merged)
+    for key, value in want.items():
+        torch.testing.assert_close(
+            got_m[key], value, rtol=1e-10, atol=1e-12 * float(value.abs().max())
+        )
     # canonicalize and back, bit for bit; info reads every output
     params = tmp_path / "params.safetensors"
     save_file({n: q.detach().clone() for n, q in model.named_parameters()}, params)
