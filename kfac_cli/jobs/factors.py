@@ -736,19 +736,29 @@ class _Accumulator:
         for name, upper in factors.items():
             key = f"{w.layer.name}.{name}"
             sym = mirror_(upper)
-            if not bad_inputs and not bool(torch.isfinite(sym).all()):
-                found = "NaN/Inf from finite inputs (an overflow)"
-                if self.ranks.world > 1:
-                    found = "NaN/Inf: an overflow, or NaN/Inf inputs on another rank"
-                dtype = str(self.dtype).removeprefix("torch.")
-                wider = "dtype_float64" if self.dtype != torch.float64 else None
-                raise KfacError(None, key, f"a factor that fits {dtype}", found, fix=wider)
+            if not bad_inputs:
+                self._check_fits(key, sym)
             self.done[key] = (sym, orders.get(name))
             if self.eigh:
                 full = reordered_rows(sym, orders.get(name))
                 vals, vecs = factor_eigh(full, None, key)
                 self.done[f"{key}.eigenvalues"] = vals
                 self.done[f"{key}.eigenvectors"] = vecs
+
+    def _check_fits(self, key: str, factor: torch.Tensor) -> None:
+        """A factor of finite inputs is finite, or its sums overflowed the dtype.
+
+        Raises:
+            KfacError: Naming the factor and the wider dtype that fixes it.
+        """
+        if bool(torch.isfinite(factor).all()):
+            return
+        found = "NaN/Inf from finite inputs (an overflow)"
+        if self.ranks.world > 1:
+            found = "NaN/Inf: an overflow, or NaN/Inf inputs on another rank"
+        dtype = str(self.dtype).removeprefix("torch.")
+        wider = "dtype_float64" if self.dtype != torch.float64 else None
+        raise KfacError(None, key, f"a factor that fits {dtype}", found, fix=wider)
 
     def _sums(self, numel: int) -> torch.Tensor:
         """``numel`` elements of the sums' buffer (uninitialised), once the writer has
