@@ -8,7 +8,7 @@ do not import torch):
 - :class:`KFACType`, :class:`FisherType`, :class:`ConvParams`, :class:`KfacError`,
 - :func:`load_layer_table` (a model checkpoint's layer table),
 - the commands as library functions: :func:`run_patches`, :func:`run_canonicalize`,
-  :func:`run_uncanonicalize`, :func:`run_factors`, :func:`run_merge`, :func:`run_info`,
+  :func:`run_uncanonicalize`, :func:`run_factors`, :func:`run_merge`, :func:`run_info`, :func:`run_stats`,
 - :func:`record` (activation and output-gradient dumps from a model and its data),
 - :func:`identify` (what a file is, from its first bytes and header).
 """
@@ -38,6 +38,7 @@ _API = {
     "run_factors": "kfac_cli.jobs.factors",
     "run_merge": "kfac_cli.jobs.factors",
     "run_info": "kfac_cli.jobs.info",
+    "run_stats": "kfac_cli.jobs.stats",
     "record": "kfac_cli.record",
     "identify": "kfac_cli.files.kinds",
 }
@@ -62,6 +63,7 @@ __all__ = [  # noqa: RUF022 (grouped as above, not sorted)
     "run_factors",
     "run_merge",
     "run_info",
+    "run_stats",
     "record",
     "identify",
 ]

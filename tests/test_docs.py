@@ -14,7 +14,7 @@ from kfac_cli.cli import app
 from tests.conftest import ROOT
 
 README = (ROOT / "README.md").read_text()
-COMMANDS = ["layers", "patches", "canonicalize", "factors", "merge", "info"]
+COMMANDS = ["layers", "patches", "canonicalize", "factors", "merge", "info", "stats"]
 
 
 def help_text(command: str) -> str:

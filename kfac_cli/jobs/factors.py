@@ -7,7 +7,6 @@ is a few chunks and one layer's factors, whatever the number and size of the dum
 
 from __future__ import annotations
 
-import json
 import math
 import threading
 from dataclasses import dataclass, replace
@@ -19,6 +18,7 @@ import torch
 from kfac_cli.enums import ComputeDtype, FisherType, KFACType, LossReduction
 from kfac_cli.errors import KfacError
 from kfac_cli.files.digest import PENDING
+from kfac_cli.files.factors_file import CONVENTIONS, COUNTS, factors_meta
 from kfac_cli.files.kinds import FACTORS, GRADIENTS
 from kfac_cli.files.sources import Tensors, fingerprint, open_tensors
 from kfac_cli.jobs.devices import resolve_device, resolve_dtype
@@ -825,7 +825,7 @@ def run_merge(
     sources = _open_all(inputs, "factors")
     try:
         _one_stream(sources)
-        metas = [_factor_meta(src) for src in sources]
+        metas = [factors_meta(src) for src in sources]
         _check_mergeable(sources, metas)
         try:
             dtype = resolve_dtype(metas[0]["dtype"])
@@ -861,7 +861,7 @@ def _check_mergeable(sources: list[Tensors], metas: list[dict]) -> None:
         KfacError: Naming the first file and key that differ.
     """
     first = metas[0]
-    same = ("approx", *_CONVENTIONS, "separate_bias", "dtype", "layout_version")
+    same = ("approx", *CONVENTIONS, "separate_bias", "dtype", "layout_version")
     for src, meta in zip(sources[1:], metas[1:]):
         for key in same:
             if meta[key] != first[key]:
@@ -872,8 +872,8 @@ def _check_mergeable(sources: list[Tensors], metas: list[dict]) -> None:
             odd = sorted(set(meta["layers"]) ^ set(first["layers"]))[0]
             raise KfacError(src.path, odd, f"the layers of {sources[0].path}", "others")
         for name, layer in meta["layers"].items():
-            mine = {k: v for k, v in layer.items() if k not in _COUNTS}
-            theirs = {k: v for k, v in first["layers"][name].items() if k not in _COUNTS}
+            mine = {k: v for k, v in layer.items() if k not in COUNTS}
+            theirs = {k: v for k, v in first["layers"][name].items() if k not in COUNTS}
             if mine != theirs:
                 odd = next(
                     k for k in sorted(set(mine) | set(theirs)) if mine.get(k) != theirs.get(k)
@@ -899,7 +899,7 @@ def _merged_fields(metas: list[dict], eigh: bool) -> dict:
         layers[name] = merged
     return dict(
         approx=first["approx"],
-        conventions={k: first[k] for k in _CONVENTIONS},
+        conventions={k: first[k] for k in CONVENTIONS},
         separate_bias=first["separate_bias"],
         num_data=sum(m["num_data"] for m in metas),
         dtype=first["dtype"],
@@ -954,36 +954,3 @@ def _check_disjoint(sources: list[Tensors], metas: list[dict]) -> None:
                     f"activation dump {fp[:19]}... in both",
                 )
         seen.update(dict.fromkeys(meta["activations"], src.path))
-
-
-_COUNTS = ("rows", "gradient_rows", "input_shapes")
-_CONVENTIONS = ("fisher_type", "loss_reduction", "num_per_example_loss_terms", "mc_samples")
-
-
-def _factor_meta(src: Tensors) -> dict:
-    meta = src.metadata
-    if meta.get("format") != FACTORS:
-        raise KfacError(src.path, "__metadata__.format", repr(FACTORS), repr(meta.get("format")))
-    try:
-        out = {k: meta[k] for k in ("approx", "fisher_type", "dtype", "model", "layout_version")}
-        out["loss_reduction"] = None if meta["loss_reduction"] == "null" else meta["loss_reduction"]
-        for key in (
-            "num_per_example_loss_terms",
-            "mc_samples",
-            "separate_bias",
-            "num_data",
-            "layers",
-            "activations",
-            "grads",
-        ):
-            out[key] = json.loads(meta[key])
-    except (KeyError, ValueError) as e:
-        raise KfacError(
-            src.path,
-            "__metadata__",
-            "factors metadata as kfac-cli writes it",
-            f"{type(e).__name__}: {e}"[:100],
-        ) from None
-    if not isinstance(out["num_data"], int) or out["num_data"] < 0:
-        raise KfacError(src.path, "num_data", "a sample count", repr(out["num_data"]))
-    return out

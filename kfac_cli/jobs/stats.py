@@ -1,0 +1,64 @@
+"""`kfac-cli stats` as a library function: trace, Frobenius norm, log-determinant and
+eigenvalue range of the curvature a factors file holds, per layer and in total."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from kfac_cli.errors import KfacError
+from kfac_cli.files.factors_file import factors_meta
+from kfac_cli.files.sources import Tensors, open_tensors
+from kfac_cli.ops.eigh import factor_eigh
+from kfac_cli.ops.kronecker import block_stats, total_stats
+
+
+def _eigenvalues(src: Tensors, key: str) -> torch.Tensor:
+    """A factor's eigenvalues: stored (``--eigh``), else computed in float64."""
+    if f"{key}.eigenvalues" in src.infos:
+        return src.read(f"{key}.eigenvalues").double()
+    if key not in src.infos:
+        raise KfacError(src.path, key, "the factor its layer's blocks name", "no such tensor")
+    return factor_eigh(src.read(key), src.path, key)[0]
+
+
+def run_stats(factors: Path | str, *, damping: float = 0.0) -> dict:
+    """Per layer (summed over its canonical blocks) and in total: ``dim``, ``trace``,
+    ``frobenius_norm``, ``logdet`` of ``F + damping·I`` (exact damping), the extreme
+    eigenvalues of ``F`` and the ``condition_number`` of ``F + damping·I``
+    (:mod:`kfac_cli.ops.kronecker`). Forward-only factors have ``G = I``.
+
+    Raises:
+        KfacError: For a file that is no factors file, a negative damping, or a factor
+            that cannot be decomposed (NaN/Inf).
+    """
+    if damping < 0:
+        raise KfacError(None, "damping", "a damping >= 0", str(damping))
+    with open_tensors(factors, stream_ok=False, role="factors") as src:
+        meta = factors_meta(src)
+        layers, blocks_all, notes = {}, [], []
+        for name, layer in meta["layers"].items():
+            if meta["fisher_type"] == "forward-only":
+                vals_g = torch.ones(layer["C_out"], dtype=torch.float64)
+            else:
+                vals_g = _eigenvalues(src, f"{name}.G")
+            vals_a = _eigenvalues(src, f"{name}.A")
+            blocks = [
+                block_stats(vals_g, vals_a if "A" in b["factors"] else vals_a.new_ones(1), damping)
+                for b in layer["blocks"]
+            ]
+            layers[name] = total_stats(blocks, damping)
+            blocks_all += blocks
+            if layers[name]["logdet"] == -float("inf"):
+                notes.append(f"{name}: singular without damping (logdet -inf): give a damping")
+        total = total_stats(blocks_all, damping)
+    return {
+        "command": "stats",
+        "file": str(factors),
+        "damping": damping,
+        "num_data": meta["num_data"],
+        "layers": layers,
+        "total": total,
+        "notes": notes,
+    }
