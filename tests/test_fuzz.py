@@ -1,8 +1,8 @@
 """A seeded sweep of random valid models through every command (docs/formats.md), each
 result checked against an oracle that shares no code with kfac-cli: PyTorch's own
 convolution (through the module's forward, padding modes and pre-pads included), brute-force
-sums over the patches and the recorded gradients, symmetry, bit-exact round trips. About 50
-cases by default; ``pytest -m slow`` runs several hundred more.
+sums over the patches and the recorded gradients, symmetry, bit-exact round trips. 50 cases
+in the full suite (20 of them in the inner loop, ``-m 'not slow'``) and 300 more marked slow.
 
 Every case ends in one of two ways: exit 0 with outputs equal to their oracles, or (for
 inputs whose squares overflow the accumulation dtype) one error line naming the layer and
@@ -288,7 +288,9 @@ def run_case(seed: int, tmp_path) -> None:
     assert info["tensor_count"] == len(patches) + len(reduced) + len(load_file(can))
 
 
-@pytest.mark.parametrize("seed", range(50))
+@pytest.mark.parametrize(  # 50 in the full suite, the first 20 in the inner loop
+    "seed", [s if s < 20 else pytest.param(s, marks=pytest.mark.slow) for s in range(50)]
+)
 def test_random_valid_model(seed, tmp_path):
     run_case(seed, tmp_path)
 
