@@ -8,7 +8,8 @@ do not import torch):
 - :class:`KFACType`, :class:`FisherType`, :class:`ConvParams`, :class:`KfacError`,
 - :func:`load_layer_table` (a model checkpoint's layer table),
 - the commands as library functions: :func:`run_patches`, :func:`run_canonicalize`,
-  :func:`run_uncanonicalize`, :func:`run_factors`, :func:`run_merge`, :func:`run_info`, :func:`run_stats`,
+  :func:`run_uncanonicalize`, :func:`run_factors`, :func:`run_merge`, :func:`run_info`,
+  :func:`run_stats`,
 - :func:`record` (activation and output-gradient dumps from a model and its data),
 - :func:`identify` (what a file is, from its first bytes and header).
 """
