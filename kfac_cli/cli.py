@@ -635,18 +635,6 @@ def canonicalize(
             run_uncanonicalize,
         )
 
-        options = CanonicalizeOptions(
-            separate_bias=separate_bias,
-            treated_only=treated_only,
-            patterns=tuple(layer or ()),
-            layout=layout,
-            columns=columns,
-            batch_first=batch_first,
-            dtype=dtype,
-            force=force,
-            spec=spec,
-            unsafe_pickle=unsafe_trust_pickle,
-        )
         if inverse:  # the layout options come from the file (refused above)
             model = inputs[0] if len(inputs) == 2 else None
             return run_uncanonicalize(
@@ -659,6 +647,18 @@ def canonicalize(
                 unsafe_pickle=unsafe_trust_pickle,
                 reporter=reporter,
             )
+        options = CanonicalizeOptions(
+            separate_bias=separate_bias,
+            treated_only=treated_only,
+            patterns=tuple(layer or ()),
+            layout=layout,
+            columns=columns,
+            batch_first=batch_first,
+            dtype=dtype,
+            force=force,
+            spec=spec,
+            unsafe_pickle=unsafe_trust_pickle,
+        )
         return run_canonicalize(inputs[0], inputs[1], output, options=options, reporter=reporter)
 
     _run_job("canonicalize", debug, quiet, as_json, make)

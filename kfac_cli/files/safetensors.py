@@ -26,26 +26,10 @@ from torch import Tensor
 
 from kfac_cli.errors import KfacError
 from kfac_cli.files.digest import TensorDigests
-from kfac_cli.files.header import TensorInfo, official_check, read_header
+from kfac_cli.files.header import ITEM_SIZES, TensorInfo, official_check, read_header, torch_dtype
 from kfac_cli.files.inputs import open_readable, read_exactly
 
-DTYPES: dict[str, torch.dtype] = {
-    "F64": torch.float64,
-    "F32": torch.float32,
-    "F16": torch.float16,
-    "BF16": torch.bfloat16,
-    "I64": torch.int64,
-    "I32": torch.int32,
-    "I16": torch.int16,
-    "I8": torch.int8,
-    "U8": torch.uint8,
-    "U16": torch.uint16,
-    "U32": torch.uint32,
-    "U64": torch.uint64,
-    "BOOL": torch.bool,
-    "F8_E4M3": torch.float8_e4m3fn,
-    "F8_E5M2": torch.float8_e5m2,
-}
+DTYPES: dict[str, torch.dtype] = {name: torch_dtype(name) for name in ITEM_SIZES}
 DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
 
 

@@ -205,7 +205,7 @@ def run_canonicalize(
         )
         names = [n for blk in blocks for n in blk.group.names]
         shapes = {n: _param_shape(table, n, src, lead, trail, columns, batch_first) for n in names}
-        lead_shape, trail_shape = _outer_axes(src, names, shapes, lead, trail)
+        lead_shape, trail_shape = _outer_axes(src, names, lead, trail)
         check_groups(shapes, [blk.group for blk in blocks])
         if src.sequential:
             blocks.sort(key=lambda blk: min(src.infos[n].begin for n in blk.group.names))
@@ -297,7 +297,7 @@ def _param_shape(
 
 
 def _outer_axes(
-    src: Tensors, names: list[str], shapes: dict, lead: int, trail: int
+    src: Tensors, names: list[str], lead: int, trail: int
 ) -> tuple[tuple[int, ...], tuple[int, ...]]:
     """The N and C axes every tensor shares."""
     lead_shape = trail_shape = None
@@ -454,8 +454,7 @@ def _check_blocks(src: Tensors, blocks: list, shapes: dict, opts: dict):
                 f"(batch_first={opts['batch_first']}, columns={opts['columns']})",
                 f"{list(s)}",
             )
-    block_shapes = {k: src.infos[k].shape for k, _ in blocks}
-    return _outer_axes(src, list(block_shapes), block_shapes, lead, trail)
+    return _outer_axes(src, [k for k, _ in blocks], lead, trail)
 
 
 def _arrival_order(src: Tensors, plans: list[Plan], blocks: list, group_of: dict) -> list[Plan]:

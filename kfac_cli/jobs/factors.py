@@ -390,10 +390,6 @@ def _fields(job: Job, inputs: Inputs, works, batches, agreed: Conventions, opts)
             "no output-gradient dumps given: writing forward-only factors (A only; G is "
             "the identity)"
         )
-    stream = next((s for s in inputs.all if s.sequential), None)
-    if stream is not None:  # layers in the order their bytes arrive
-        first = {w.layer.name: min(stream.infos[k].begin for k in w.keys) for w in works}
-        works.sort(key=lambda w: first[w.layer.name])
     return dict(
         approx=opts.approx.value,
         conventions=agreed.to_json(),
@@ -462,7 +458,8 @@ def _finish_fingerprinted(sources: list[Tensors], ranks: Ranks) -> list[str] | N
 
 
 def _plan(table, inputs: Inputs, model, opts: FactorsOptions, job: Job):
-    """Which layers, under which keys, from which files; checked against each other."""
+    """Which layers, under which keys, from which files, checked against each other; in
+    table order, or in the order their bytes arrive from a stream."""
     acts, grads, approx, separate_bias = inputs.acts, inputs.grads, opts.approx, opts.separate_bias
     keys_of: list[list[str]] = []
     for src in acts:
@@ -521,6 +518,9 @@ def _plan(table, inputs: Inputs, model, opts: FactorsOptions, job: Job):
             o = 1 if approx is KFACType.REDUCE else locations(shape, layer.conv)
             work.grad_rows += vectors * shape[0] * o
     order = {la.name: i for i, la in enumerate(table.layers)}
+    stream = next((s for s in inputs.all if s.sequential), None)
+    if stream is not None:  # layers in the order their bytes arrive
+        order = {w.layer.name: min(stream.infos[k].begin for k in w.keys) for w in works.values()}
     return sorted(works.values(), key=lambda w: order[w.layer.name]), batches
 
 

@@ -51,7 +51,7 @@ def run_stats(factors: Path | str, *, damping: float = 0.0) -> dict:
             layers[name] = total_stats(blocks, damping)
             blocks_all += blocks
             if layers[name]["logdet"] == -float("inf"):
-                notes.append(f"{name}: singular without damping (logdet -inf): give a damping")
+                notes.append(f"{name}: singular (logdet -inf): give a damping, or a larger one")
         total = total_stats(blocks_all, damping)
     return {
         "command": "stats",
