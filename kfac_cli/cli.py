@@ -56,6 +56,7 @@ FIXES = {
     "merge": "to combine factors files: kfac-cli merge FACTORS...",
     "dtype_float32": "pass --dtype float32",
     "dtype_float64": "pass --dtype float64",
+    "eigenbasis": "pass --eigenbasis FACTORS (made with --eigh) to read it once",
 }
 # How each command is called, for an input given in the wrong place ("model_first").
 USAGE = {
@@ -737,6 +738,25 @@ def factors(
         ),
     ] = False,
     eigh: Eigh = False,
+    ekfac: Annotated[
+        bool,
+        typer.Option(
+            "--ekfac",
+            help="Also write EKFAC's eigenvalue corrections, LAYER_BLOCK.corrections: a second "
+            "pass over the dumps in the factors' eigenbasis (implies --eigh).",
+        ),
+    ] = False,
+    eigenbasis: Annotated[
+        str | None,
+        typer.Option(
+            "--eigenbasis",
+            help="Only the corrections' pass, in the eigenbasis of this factors file (made "
+            "with --eigh or --ekfac; same model and conventions), its factors copied: for "
+            "shards (merge the outputs) and streams (implies --ekfac).",
+            show_default=False,
+            metavar="FACTORS",
+        ),
+    ] = None,
     merge: Annotated[
         bool,
         typer.Option("--merge", help="Combine factor files made from disjoint data."),
@@ -783,9 +803,12 @@ def factors(
     G ⊗ A is the layer's curvature block, acting as G @ M @ A on the `canonicalize
     --layout matrix` block M. OUT holds LAYER.A and LAYER.G (and with --eigh
     .eigenvalues and .eigenvectors of each); its metadata records N, the conventions and
-    each layer's blocks. Layer by layer, in chunks: memory is a few chunks and one layer's
-    factors. --merge combines factor files of disjoint data into the file one run over all
-    of it gives. Under torchrun each rank reads its share and rank 0 writes.
+    each layer's blocks. With --ekfac, a second pass adds each canonical block's EKFAC
+    corrections E = c · Σ (Q_Gᵀ ∇ Q_A)² over per-example gradients ∇ (BLOCK.corrections,
+    [C_out, D] or [C_out] for a separate bias). Layer by layer, in chunks: memory is a few
+    chunks and one layer's factors (and corrections). --merge combines factor files of
+    disjoint data into the file one run over all of it gives. Under torchrun each rank
+    reads its share and rank 0 writes.
 
     \b
     Examples:
@@ -793,6 +816,10 @@ def factors(
               -o factors.safetensors
         $ kfac-cli factors model.pt2 acts.safetensors -o A.safetensors --approx reduce
         $ kfac-cli factors --merge part-*.safetensors -o factors.safetensors --eigh
+        $ kfac-cli factors model.pt2 acts.safetensors --grads grads.safetensors --ekfac \\
+              -o ekfac.safetensors
+        $ kfac-cli factors model.pt2 acts-3.safetensors --grads grads-3.safetensors \\
+              --eigenbasis merged.safetensors -o corrections-3.safetensors
         $ zstd -dc acts.safetensors.zst | kfac-cli factors model.pt2 - -o A.safetensors
         $ torchrun --nproc-per-node 4 -m kfac_cli factors model.pt2 acts-*.safetensors \\
               --grads grads-*.safetensors -o factors.safetensors
@@ -835,6 +862,8 @@ def factors(
             mc_samples=mc_samples,
             separate_bias=separate_bias,
             eigh=eigh,
+            ekfac=ekfac,
+            eigenbasis=eigenbasis,
             dtype=dtype,
             device=device,
             patterns=tuple(layer or ()),

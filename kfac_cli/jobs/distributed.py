@@ -71,6 +71,10 @@ class Ranks:
         writer uses it)."""
         return tensor
 
+    def broadcast_(self, tensor: torch.Tensor) -> torch.Tensor:
+        """The writer's ``tensor`` on every rank, in place (the same bytes everywhere)."""
+        return tensor
+
     def check(self) -> None:
         """Raise :class:`RankFailed` if another rank has failed."""
 
@@ -235,6 +239,14 @@ class TorchrunRanks(Ranks):
         self._sums += 1
         self._wait_all(f"sum{self._sums}")  # all arrive: the collective itself waits no more
         self._ask(self.dist.all_reduce, tensor)  # gloo's is faster than its reduce
+        self.waited += time.perf_counter() - start
+        return tensor
+
+    def broadcast_(self, tensor: torch.Tensor) -> torch.Tensor:
+        start = time.perf_counter()
+        self._sums += 1
+        self._wait_all(f"sum{self._sums}")
+        self._ask(self.dist.broadcast, tensor, src=0)
         self.waited += time.perf_counter() - start
         return tensor
 

@@ -23,6 +23,7 @@ from kfac_cli.files.kinds import FACTORS, GRADIENTS
 from kfac_cli.files.sources import Tensors, fingerprint, open_tensors
 from kfac_cli.jobs.devices import resolve_device, resolve_dtype
 from kfac_cli.jobs.distributed import RankFailed, Ranks, ranks_from_env
+from kfac_cli.jobs.ekfac import Corrections, Eigenbasis, EigenbasisDigest, block_keys
 from kfac_cli.jobs.pipeline import BufferPool, Prefetcher, Read, view
 from kfac_cli.jobs.skeleton import (
     CPU,
@@ -88,6 +89,10 @@ class FactorsOptions:
             gradient files means forward-only.
         separate_bias: No ones column in ``A`` (weight and bias as separate blocks).
         eigh: Also write each factor's eigendecomposition (computed in float64).
+        ekfac: Also write EKFAC's eigenvalue corrections (a second pass over the dumps, in
+            the eigenbasis of the factors; implies ``eigh``).
+        eigenbasis: A factors file with eigendecompositions: only the second pass, in its
+            eigenbasis, its factors copied to the output (implies ``ekfac``).
         dtype: Accumulation and output dtype, ``float32`` or ``float64`` (default: float64
             if the selected layers' dumps are, else float32: float16 and bfloat16 dumps
             accumulate in float32).
@@ -111,6 +116,8 @@ class FactorsOptions:
     mc_samples: int | None = None
     separate_bias: bool = False
     eigh: bool = False
+    ekfac: bool = False
+    eigenbasis: Path | str | None = None
     dtype: ComputeDtype | None = None
     device: str = "cpu"
     patterns: tuple[str, ...] = ()
@@ -133,6 +140,10 @@ class FactorsOptions:
             raise KfacError(
                 None, "dtype", "float32 or float64 to accumulate factors in", self.dtype
             )
+        if self.eigenbasis is not None:
+            object.__setattr__(self, "ekfac", True)
+        if self.ekfac:
+            object.__setattr__(self, "eigh", True)
 
 
 @dataclass
@@ -347,18 +358,30 @@ def _run(ranks: Ranks, model, activations, out, grads, opts: FactorsOptions, rep
         expected = f"{len(activations)} gradient dumps, one per activation dump"
         raise KfacError(None, "grads", expected, str(len(grads)))
     inputs = Inputs(_open_all(activations, "activations"), [])
+    basis = None
     try:
         inputs.grads = _open_all(grads, "grads")
         _one_stream(inputs.all)
         agreed = conventions(inputs.grads, opts)
+        if opts.ekfac:
+            _check_ekfac(inputs, agreed, opts)
         works, batches = _plan(table, inputs, model, opts, job)
+        if opts.eigenbasis is not None:
+            basis = Eigenbasis(opts.eigenbasis)
+            _basis_dtype(job, basis, opts)
         fields = _fields(job, inputs, works, batches, agreed, opts)
         fields["model"] = model_ref(model, table)
-        plans = _plans(works, job.cast, agreed.fisher_type is FisherType.FORWARD_ONLY, opts.eigh)
-        accumulate = _Accumulator(job, inputs, works, batches, agreed, opts, ranks)
+        if basis is not None:
+            basis.check(fields)
+            fields["layers"] = {name: basis.meta["layers"][name] for name in fields["layers"]}
+            fields["num_data"] = basis.meta["num_data"]
+        plans = _plans(works, job.cast, agreed.fisher_type is FisherType.FORWARD_ONLY, opts, fields)
+        accumulate = _Accumulator(job, inputs, works, batches, agreed, opts, ranks, basis, fields)
         written = _stream(job, inputs, plans, fields, accumulate, ranks)
     finally:
         inputs.close()
+        if basis is not None:
+            basis.close()
     extra = {"ranks": ranks.world, "communication_seconds": round(ranks.waited, 4)}
     return job.summary(
         plans,
@@ -368,8 +391,43 @@ def _run(ranks: Ranks, model, activations, out, grads, opts: FactorsOptions, rep
         **agreed.to_json(),
         forward_only=agreed.fisher_type is FisherType.FORWARD_ONLY,
         dtype=fields["dtype"],
+        **(
+            {"ekfac": True, "corrections_num_data": fields["corrections_num_data"]}
+            if opts.ekfac
+            else {}
+        ),
         **(extra if ranks.world > 1 else {}),
     )
+
+
+def _check_ekfac(inputs: Inputs, agreed: Conventions, opts: FactorsOptions) -> None:
+    """EKFAC needs output gradients, and a stream (read once) needs ``eigenbasis``.
+
+    Raises:
+        KfacError: Naming what is missing.
+    """
+    if agreed.fisher_type is FisherType.FORWARD_ONLY:
+        raise KfacError(None, "grads", "output-gradient dumps for EKFAC", "none")
+    stream = next((s for s in inputs.all if s.sequential), None)
+    if stream is not None and opts.eigenbasis is None:
+        raise KfacError(
+            stream.path,
+            None,
+            "files EKFAC can read twice, or the eigenbasis of a factors file (eigenbasis)",
+            "a stream, which can be read once",
+            fix="eigenbasis",
+        )
+
+
+def _basis_dtype(job: Job, basis: Eigenbasis, opts: FactorsOptions) -> None:
+    """The run accumulates in the eigenbasis file's dtype (its eigenvectors as stored).
+
+    Raises:
+        KfacError: For a dtype option that differs.
+    """
+    if opts.dtype is not None and opts.dtype.value != basis.dtype:
+        raise KfacError(basis.src.path, "dtype", f"{opts.dtype.value} (as given)", basis.dtype)
+    job.cast = resolve_dtype(basis.dtype)
 
 
 def _fields(job: Job, inputs: Inputs, works, batches, agreed: Conventions, opts) -> dict:
@@ -397,6 +455,7 @@ def _fields(job: Job, inputs: Inputs, works, batches, agreed: Conventions, opts)
         num_data=n,
         dtype=str(job.cast).removeprefix("torch."),
         eigh=opts.eigh,
+        **({"ekfac": True, "eigenbasis": PENDING, "corrections_num_data": n} if opts.ekfac else {}),
         model={},
         activations=[PENDING] * len(inputs.acts),
         grads=[PENDING] * len(inputs.grads),
@@ -416,7 +475,10 @@ def _stream(job: Job, inputs: Inputs, plans, fields: dict, accumulate, ranks: Ra
         if prints is None:
             return None
         n = len(inputs.acts)
-        return factors_header(job, {**fields, "activations": prints[:n], "grads": prints[n:]})
+        final = {**fields, "activations": prints[:n], "grads": prints[n:]}
+        if "eigenbasis" in fields:
+            final["eigenbasis"] = accumulate.digest.value()
+        return factors_header(job, final)
 
     header = factors_header(job, fields)
     written = job.stream(
@@ -433,9 +495,9 @@ def factors_header(job: Job, fields: dict) -> dict[str, str]:
     """The factors file's metadata, in one order (runs and merges give the same bytes):
     ``fields`` holds approx, conventions, separate_bias, num_data, dtype, eigh, model,
     activations, grads and layers."""
-    order = ("approx", "separate_bias", "num_data", "dtype", "eigh", "model", "activations",
-             "grads", "layers")  # fmt: skip
-    f = {k: fields[k] for k in order}
+    order = ("approx", "separate_bias", "num_data", "dtype", "eigh", "ekfac", "eigenbasis",
+             "corrections_num_data", "model", "activations", "grads", "layers")  # fmt: skip
+    f = {k: fields[k] for k in order if k in fields}
     return job.header(FACTORS, approx=f.pop("approx"), **fields["conventions"], **f)
 
 
@@ -519,23 +581,72 @@ def _plan(table, inputs: Inputs, model, opts: FactorsOptions, job: Job):
             work.grad_rows += vectors * shape[0] * o
     order = {la.name: i for i, la in enumerate(table.layers)}
     stream = next((s for s in inputs.all if s.sequential), None)
+    if opts.ekfac:
+        _check_per_sample(inputs, batches, list(works.values()), stream)
     if stream is not None:  # layers in the order their bytes arrive
         order = {w.layer.name: min(stream.infos[k].begin for k in w.keys) for w in works.values()}
     return sorted(works.values(), key=lambda w: order[w.layer.name]), batches
 
 
-def _plans(works: list[Work], dtype, forward_only: bool, eigh: bool) -> list[Plan]:
+def _check_per_sample(inputs: Inputs, batches: list[int], works: list[Work], stream) -> None:
+    """EKFAC's second pass reads whole samples of each layer's inputs and gradients
+    together: every input is per sample, and a stream delivers them in that order.
+
+    Raises:
+        KfacError: For an input computed once per batch, or a stream it cannot read so.
+    """
+    for src, batch in zip(inputs.acts, batches):
+        for w in works:
+            for key in w.keys:
+                lead = src.infos[key].shape[0]
+                if lead % batch:
+                    raise KfacError(
+                        src.path,
+                        key,
+                        f"whole samples on the leading axis (a multiple of {batch}) for "
+                        "EKFAC's per-example gradients",
+                        str(lead),
+                    )
+    if stream is None:
+        return
+    shared = next((w for w in works if len(w.keys) > 1), None)
+    if shared is not None:
+        raise KfacError(
+            stream.path,
+            shared.keys[1],
+            "one dump key per layer in a stream, for EKFAC (the calls of a layer are read "
+            "together)",
+            f"{len(shared.keys)} keys of {shared.layer.name}",
+        )
+    if stream in inputs.grads:
+        vectors = stream.infos[works[0].keys[0]].shape[0] if works else 1
+        if vectors > 1:
+            raise KfacError(
+                stream.path,
+                None,
+                "one backpropagated vector in a gradient stream, for EKFAC (read by "
+                "sample); stream the activations instead",
+                f"{vectors} vectors",
+            )
+
+
+def _plans(works: list[Work], dtype, forward_only: bool, opts, fields: dict) -> list[Plan]:
+    """Per layer: ``A``, ``G`` (each with its eigendecomposition), then (EKFAC) each
+    canonical block's corrections."""
     plans = []
     for w in works:
         sizes = {"A": w.d} if forward_only else {"A": w.d, "G": w.c_out}
+        meta = {"layer": w.layer.name}
         for factor, size in sizes.items():
             key = f"{w.layer.name}.{factor}"
-            plans.append(Plan(key, dtype, (size, size), {"layer": w.layer.name}))
-            if eigh:
-                plans.append(Plan(f"{key}.eigenvalues", dtype, (size,), {"layer": w.layer.name}))
-                plans.append(
-                    Plan(f"{key}.eigenvectors", dtype, (size, size), {"layer": w.layer.name})
-                )
+            plans.append(Plan(key, dtype, (size, size), meta))
+            if opts.eigh:
+                plans.append(Plan(f"{key}.eigenvalues", dtype, (size,), meta))
+                plans.append(Plan(f"{key}.eigenvectors", dtype, (size, size), meta))
+        if opts.ekfac:
+            for key, weight in block_keys(fields["layers"][w.layer.name]):
+                shape = (w.c_out, w.d) if weight else (w.c_out,)
+                plans.append(Plan(f"{key}.corrections", dtype, shape, meta))
     return plans
 
 
@@ -576,7 +687,16 @@ class _Accumulator:
     """Reads, folds and scales one layer at a time, in the order of the plans."""
 
     def __init__(
-        self, job: Job, inputs: Inputs, works, batches, agreed: Conventions, opts, ranks
+        self,
+        job: Job,
+        inputs: Inputs,
+        works,
+        batches,
+        agreed: Conventions,
+        opts,
+        ranks,
+        basis: Eigenbasis | None = None,
+        fields: dict | None = None,
     ) -> None:
         self.job, self.acts, self.grads = job, inputs.acts, inputs.grads
         self.batches, self.n, self.units = batches, sum(batches), ranks.share(batches)
@@ -593,6 +713,10 @@ class _Accumulator:
         self.unwritten, self.pending = threading.Condition(), 0  # items of flat being written
         self.out_pool = BufferPool(3, CPU)
         self.prefetch: Prefetcher | None = None  # the job's, given with each plan
+        self.ekfac, self.basis = opts.ekfac, basis
+        self.layer_metas = (fields or {}).get("layers", {})
+        self.second = Corrections(self)
+        self.digest = EigenbasisDigest()
 
     def _rows(self, info, start: int, stop: int, grads: bool):
         """``(row_len, first, end)`` chunks of a unit's batch rows ``start:stop``: of the
@@ -623,12 +747,15 @@ class _Accumulator:
     def reads(self):
         """The :class:`Read` of every chunk of every layer, in the order it is summed; each
         tagged with its file and key (activations and gradients share layer keys)."""
+        passes = (False, True) if self.grads else (False,)
         for w in self.works.values():
-            for grads in (False, True) if self.grads else (False,):
+            for grads in passes if self.basis is None else ():  # the factors' pass
                 for src, key, info, (row_len, a, b), _ in self._inputs(w, grads):
                     nbytes = (b - a) * row_len * info.dtype.itemsize
                     read = lambda buf, s=src, k=key, r=(row_len, a, b): s.read(k, buf, r)  # noqa: E731
                     yield Read(f"{src.path}:{key}", (a, b), nbytes, read)
+            if self.ekfac:  # the corrections' pass
+                yield from self.second.reads(w)
 
     def produce(self, plan: Plan, put, prefetch: Prefetcher) -> None:
         self.prefetch = prefetch
@@ -659,6 +786,46 @@ class _Accumulator:
             put(plan.key, block, None, lambda b=buf: self.out_pool.put(b))
 
     def _layer(self, w: Work) -> None:
+        """One layer's outputs into ``self.done``: its factors (summed, or copied from the
+        eigenbasis file), then (EKFAC) its corrections in their eigenbasis."""
+        if self.basis is None:
+            self._sum_factors(w)
+        elif self.ranks.writer:
+            for plan_key in self._factor_keys(w):
+                self.done[plan_key] = self.basis.read(plan_key)
+        if not self.ekfac:
+            return
+        bases = []
+        for name, size in (("A", w.d), ("G", w.c_out)):
+            key = f"{w.layer.name}.{name}.eigenvectors"
+            if self.basis is not None:
+                q = self.basis.read(key).to(self.dtype)
+            elif self.ranks.writer:
+                q = self.done[key].to(CPU, self.dtype)
+                self.done[key] = q
+            else:
+                q = torch.empty(size, size, dtype=self.dtype)
+            q = q.to(self.stage.device)
+            if self.basis is None:
+                self.ranks.broadcast_(q)  # the writer's bytes on every rank
+            if self.ranks.writer:
+                self.digest.update(key, q)
+            bases.append(q)
+        meta = self.layer_metas[w.layer.name]
+        sums = self.second.layer(w, meta, *bases, check=self.basis is not None)
+        if self.ranks.writer:
+            for key, total in sums.items():
+                self.done[f"{key}.corrections"] = total.to(self.dtype)
+
+    def _factor_keys(self, w: Work) -> list[str]:
+        """The keys of a layer's factors and eigendecompositions."""
+        return [
+            f"{w.layer.name}.{name}{part}"
+            for name in ("A", "G")
+            for part in ("", ".eigenvalues", ".eigenvectors")
+        ]
+
+    def _sum_factors(self, w: Work) -> None:
         """Sum, combine over ranks, scale, symmetrise (and decompose) one layer's factors.
 
         One buffer holds both sums (one collective per layer), reused from layer to layer

@@ -1,0 +1,235 @@
+"""EKFAC's second pass as a job: the dumps read again, sample by sample, and each layer's
+eigenvalue corrections summed in the eigenbasis of its factors (:mod:`kfac_cli.ops.ekfac`).
+
+:class:`Corrections` plans and consumes the reads of one layer: per chunk of samples, the
+activations' rows, then the output gradients' rows of the same samples for each
+backpropagated vector. :class:`Eigenbasis` is the factors file ``--eigenbasis`` names: its
+factors and eigendecompositions, checked against the run, copied to the output as they are.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+
+import torch
+
+from kfac_cli.errors import KfacError
+from kfac_cli.files.factors_file import CONVENTIONS, COUNTS, factors_meta
+from kfac_cli.files.sources import Tensors, open_tensors
+from kfac_cli.jobs.pipeline import Read
+from kfac_cli.ops.ekfac import add_corrections, chunk_samples, sample_gradients, sample_inputs
+from kfac_cli.ops.factors import locations, loss_correction
+
+
+def block_keys(layer_meta: dict) -> list[tuple[str, bool]]:
+    """``(key, weight)`` of each canonical block of a layer (its metadata's ``blocks``):
+    whether the block has a weight (``[C_out, D]`` corrections) or is a bias (``[C_out]``)."""
+    return [(b["key"], b["W"] is not None) for b in layer_meta["blocks"]]
+
+
+class EigenbasisDigest:
+    """``sha256:`` of the eigenvectors a file holds, in the order it writes them (each
+    tensor's key and bytes): equal digests, equal eigenbases (what ``merge`` checks)."""
+
+    def __init__(self) -> None:
+        self._hash = hashlib.sha256()
+
+    def update(self, key: str, vectors: torch.Tensor) -> None:
+        self._hash.update(key.encode() + b"\0")
+        self._hash.update(vectors.detach().cpu().contiguous().view(torch.uint8).numpy())
+
+    def value(self) -> str:
+        return "sha256:" + self._hash.hexdigest()
+
+
+class Eigenbasis:
+    """The factors file ``--eigenbasis`` names, checked against the run.
+
+    Raises:
+        KfacError: For a file without eigendecompositions, of another model, approximation
+            or conventions, or lacking a selected layer.
+    """
+
+    def __init__(self, path) -> None:
+        self.src: Tensors = open_tensors(path, role="factors")
+        try:
+            self.meta = factors_meta(self.src)
+        except BaseException:
+            self.src.close()
+            raise
+
+    def check(self, fields: dict) -> None:
+        """Against this run's factors-file ``fields``: the same approximation, conventions,
+        bias mode, model and layers, with eigendecompositions of each."""
+        path, meta = self.src.path, self.meta
+        run = {**fields, **fields["conventions"]}
+        for key in ("approx", *CONVENTIONS, "separate_bias"):
+            if meta[key] != run[key]:
+                raise KfacError(path, key, f"{run[key]} (as in this run)", str(meta[key]))
+        if meta["model"] != run["model"]:
+            raise KfacError(path, "model", f"the model {run['model']['file']}", "another model")
+        for name, mine in fields["layers"].items():
+            theirs = meta["layers"].get(name)
+            if theirs is None:
+                raise KfacError(path, name, "the factors of every selected layer", "none")
+            for k in sorted(set(mine) | set(theirs)):
+                if k not in COUNTS and mine.get(k) != theirs.get(k):
+                    raise KfacError(
+                        path, f"{name}.{k}", f"{mine.get(k)} (as in this run)", str(theirs.get(k))
+                    )
+            for factor in ("A", "G"):
+                key = f"{name}.{factor}.eigenvectors"
+                if key not in self.src.infos:
+                    raise KfacError(
+                        path, key, "eigendecompositions (factors --eigh or --ekfac)", "none"
+                    )
+
+    @property
+    def dtype(self) -> str:
+        return self.meta["dtype"]
+
+    def read(self, key: str) -> torch.Tensor:
+        return self.src.read(key)
+
+    def close(self) -> None:
+        self.src.close()
+
+
+class Corrections:
+    """The second pass over one layer's dumps, on this rank's share of the samples.
+
+    Args:
+        acc: The factors job's accumulator (its files, shares, reader, device stage).
+    """
+
+    def __init__(self, acc) -> None:
+        self.acc = acc
+
+    def _chunks(self, w):
+        """``(file, keys, first sample, end sample, vector groups)`` of a layer: a layer
+        called several times (several dump keys) sums every call into one per-example
+        gradient, so each chunk holds the same samples of all its keys."""
+        acc = self.acc
+        budget = acc.job.chunk_bytes // acc.dtype.itemsize
+        for f, start, stop in acc.units:
+            act, grad, samples = acc.acts[f], acc.grads[f], acc.batches[f]
+            keys = act.order(w.keys)
+            vectors = grad.infos[keys[0]].shape[0]
+            s = raw = 0
+            for key in keys:
+                info, ginfo = act.infos[key], grad.infos[key]
+                fold = info.shape[0] // samples
+                s += fold * locations(info.shape, w.layer.conv)
+                raw += fold * (math.prod(info.shape[1:]) + vectors * math.prod(ginfo.shape[2:]))
+            group = vectors
+            if s * vectors * w.c_out > budget // 2:  # one sample's gradients are large
+                group = max(1, budget // 2 // max(s * w.c_out, 1))
+            per = chunk_samples(s, w.c_out, w.d, group, max(budget - raw, budget // 2))
+            groups = [range(v, min(v + group, vectors)) for v in range(0, vectors, group)]
+            for s0 in range(start, stop, per):
+                yield f, keys, s0, min(stop, s0 + per), groups
+
+    def _row_reads(self, f: int, keys: list[str], s0: int, s1: int, groups):
+        """``(source, key, rows, shape, row length)`` of one chunk: each key's activations, then per
+        vector each key's gradients (rows of ``[V·B·fold, -1]``)."""
+        acc = self.acc
+        act, grad, samples = acc.acts[f], acc.grads[f], acc.batches[f]
+        for key in keys:
+            info = act.infos[key]
+            k = info.shape[0] // samples
+            shape = (k * (s1 - s0), *info.shape[1:])
+            yield act, key, (k * s0, k * s1), shape, math.prod(shape[1:])
+        for group in groups:
+            for v in group:
+                for key in keys:
+                    ginfo = grad.infos[key]
+                    lead = ginfo.shape[1]
+                    k = lead // samples
+                    rows = (v * lead + k * s0, v * lead + k * s1)
+                    shape = (1, k * (s1 - s0), *ginfo.shape[2:])
+                    yield grad, key, rows, shape, math.prod(shape[2:])
+
+    def reads(self, w):
+        """The :class:`Read` of every chunk of a layer's second pass, in the order
+        :meth:`layer` takes them."""
+        for chunk in self._chunks(w):
+            for src, key, rows, _, row_len in self._row_reads(*chunk):
+                nbytes = (rows[1] - rows[0]) * row_len * src.infos[key].dtype.itemsize
+                read = lambda buf, s=src, k=key, r=(row_len, *rows): s.read(k, buf, r)  # noqa: E731
+                yield Read(f"{src.path}:{key}", rows, nbytes, read)
+
+    def layer(self, w, layer_meta: dict, q_a: torch.Tensor, q_g: torch.Tensor, check: bool):
+        """Each block's corrections ``{key: [C_out, D] or [C_out]}`` (float64), summed over
+        this rank's samples and then over the ranks; ``q_a``, ``q_g``: the eigenvectors
+        (columns) in the accumulation dtype on the device; ``check``: count NaN/Inf (a
+        pass of its own: no factors were summed from these reads)."""
+        acc = self.acc
+        conv, device = w.layer.conv, acc.stage.device
+        blocks = block_keys(layer_meta)
+        joint = layer_meta["bias_column"]
+        sums = {
+            key: torch.zeros(
+                (w.c_out, w.d) if weight else (w.c_out,), dtype=torch.float64, device=device
+            )
+            for key, weight in blocks
+        }
+        conventions = acc.agreed
+        for f, keys, s0, s1, groups in self._chunks(w):
+            acc.ranks.check()
+            reads = self._row_reads(f, keys, s0, s1, groups)
+            n = s1 - s0
+            a = torch.cat([self._inputs(*next(reads), conv, joint, n, check) for _ in keys], dim=1)
+            alpha = loss_correction(
+                conventions.loss_reduction,
+                acc.batches[f],
+                conventions.terms,
+                acc.n,
+                conventions.mc_samples,
+            )
+            for group in groups:
+                g = torch.cat(
+                    [
+                        torch.cat(
+                            [self._gradients(*next(reads), conv, n, check) for _ in keys], dim=2
+                        )
+                        for _ in group
+                    ]
+                )
+                for key, weight in blocks:
+                    add_corrections(
+                        sums[key], a if weight else None, g, q_g, q_a if weight else None, alpha
+                    )
+        if check:
+            for sources in (acc.acts, acc.grads):
+                for src in sources:
+                    for key in w.keys:
+                        acc.finite[id(src)].report(key, math.prod(src.infos[key].shape))
+        for total in sums.values():
+            acc.ranks.sum_(total)
+        return sums
+
+    def _inputs(self, src, key, rows, shape, _, conv, joint: bool, n: int, check: bool):
+        """One key's activations of a chunk as ``[n, S_key, D]`` rows."""
+        x = self._take(src, key, rows, shape, check)
+        return sample_inputs(x, conv, joint, shape[0] // n)
+
+    def _gradients(self, src, key, rows, shape, _, conv, n: int, check: bool):
+        """One key's gradients of one vector as ``[1, n, S_key, C_out]``."""
+        g = self._take(src, key, rows, shape, check)
+        return sample_gradients(g, conv is not None, shape[1] // n)
+
+    def _take(self, src, key: str, rows, shape, check: bool) -> torch.Tensor:
+        """The next read (rows ``rows`` of ``key``) on the device in the accumulation
+        dtype, as a tensor of its own (its buffer back to the reader)."""
+        acc = self.acc
+        x_host, buf = acc.prefetch.next(f"{src.path}:{key}", rows)
+        x_host = x_host.view(shape)
+        if check:
+            acc.finite[id(src)].check(key, x_host)
+        x = acc.stage.to_device(x_host, acc.dtype)
+        acc.stage.wait_copied()
+        if x.data_ptr() == x_host.data_ptr():
+            x = x.clone()
+        acc.prefetch.release(buf)
+        return x

@@ -1,0 +1,147 @@
+"""EKFAC's eigenvalue corrections: second moments of per-example gradients in the
+Kronecker eigenbasis (George et al. 2018; curvlinops 3.0.1's ``EKFACLinearOperator``).
+
+A layer's per-example gradient for sample ``n`` and backpropagated vector ``v`` is
+``∇ = Σ_s g_s a_sᵀ`` (``[D1, D2]``; ``s`` runs over the sample's weight-sharing locations,
+``a``: expand patches, averaged over channel groups, with a ones column for a joint bias),
+and the corrections are ``E = Σ_{n,v} (Q_Gᵀ ∇ Q_A)²``. :func:`add_corrections` adds one
+chunk of samples' share to an accumulator by one of two routes (curvlinops' issue #217 and
+PR #219 compare them):
+
+- ``per_example``: each rotated ``∇`` formed (``[n, D1, D2]`` for a chunk of samples, one
+  vector at a time), squared and summed. Each side is rotated before the product (``S``
+  rows of ``a`` or ``g``) or after it (the ``∇``), whichever costs fewer operations;
+  ``a``'s rotation is shared by all vectors.
+- ``gramian``: ``E = Σ_n Σ_{s,t} (ỹ_s ∘ ỹ_t)(x̃_s ∘ x̃_t)ᵀ`` with ``x̃ = a Q_A``,
+  ``ỹ = g Q_G``: over the ``S(S+1)/2`` pairs ``s <= t`` only (symmetry, off-diagonal pairs
+  twice), the ``g`` side summed over the vectors first, then one product for the chunk.
+  Without weight sharing (``S = 1``) it is the product of the squared rotated rows.
+
+:func:`strategy` picks the cheaper by an operation count. Memory: a chunk's rows and its
+``[n, D1, D2]`` (per example) or ``[n, pairs, D1 + D2]`` (Gramian), never more.
+"""
+
+from __future__ import annotations
+
+import torch
+from einops import rearrange
+from torch import Tensor
+
+from kfac_cli.ops.conv import ConvParams
+from kfac_cli.ops.patches import conv_patches, linear_patches
+
+# One pass over memory (square, sum) counted as this many multiply-adds of a product.
+ELEMENT_FLOPS = 8
+
+
+def sample_inputs(x: Tensor, params: ConvParams | None, bias_column: bool, fold: int) -> Tensor:
+    """The rows ``a`` of each sample's per-example gradient, ``[n, S, D (+1)]``.
+
+    Args:
+        x: A chunk of a layer input, ``[n·fold, C_in, *I]`` (conv) or ``[n·fold, ..., d]``.
+        params: The conv's hyper-parameters (``None``: linear).
+        bias_column: Append the joint bias's ones column.
+        fold: Rows of ``x`` per sample (windows of a folded batch; else 1): ``S`` counts
+            every location of all of them.
+    """
+    rows = (
+        linear_patches(x, bias_column) if params is None else conv_patches(x, params, bias_column)
+    )
+    return rows.reshape(x.shape[0] // fold, -1, rows.shape[-1])
+
+
+def sample_gradients(g: Tensor, conv: bool, fold: int) -> Tensor:
+    """Output gradients ``[V, n·fold, C_out, *O]`` (conv) or ``[V, n·fold, ..., C_out]``
+    as ``[V, n, S, C_out]`` (channels last, locations in the order of the patches)."""
+    if conv:
+        g = rearrange(g, "v b c ... -> v b (...) c")
+    else:
+        g = g.reshape(g.shape[0], g.shape[1], -1, g.shape[-1])
+    return g.reshape(g.shape[0], g.shape[1] // fold, -1, g.shape[-1])
+
+
+def strategy(locations: int, d_out: int, d_in: int, vectors: int) -> str:
+    """``per_example`` or ``gramian``, whichever needs fewer operations per sample for
+    ``S`` locations, ``[D1, D2]`` gradients and ``V`` vectors (rotations excluded: the
+    Gramian needs both sides rotated first, counted in its cost)."""
+    s, d1, d2, v = locations, d_out, d_in, vectors
+    pairs = s * (s + 1) // 2
+    rotate_a = min(s * d2 * d2, v * d1 * d2 * d2)
+    rotate_g = v * min(s * d1 * d1, d1 * d1 * d2)
+    per_example = rotate_a + rotate_g + v * d1 * d2 * (s + ELEMENT_FLOPS)
+    gramian = s * d2 * d2 + v * s * d1 * d1 + pairs * (d1 * d2 + (v + 1) * (d1 + d2))
+    return "gramian" if gramian < per_example else "per_example"
+
+
+def add_corrections(
+    out: Tensor,
+    a: Tensor | None,
+    g: Tensor,
+    q_g: Tensor,
+    q_a: Tensor | None,
+    alpha: float = 1.0,
+    method: str | None = None,
+) -> Tensor:
+    """Add ``alpha · Σ_{n,v} (Q_Gᵀ ∇_{n,v} Q_A)²`` over one chunk of samples to ``out``.
+
+    Args:
+        out: ``[D1, D2]`` (a weight or joint block) or ``[D1]`` (a bias block), any float
+            dtype (float64 for long sums).
+        a: ``[n, S, D2]`` (:func:`sample_inputs`), or ``None`` for a bias block, whose
+            per-example gradient is ``Σ_s g_s``.
+        g: ``[V, n, S, D1]`` (:func:`sample_gradients`).
+        q_g: ``G``'s eigenvectors ``[D1, D1]`` (columns), in ``g``'s dtype.
+        q_a: ``A``'s eigenvectors ``[D2, D2]``, or ``None`` with ``a``.
+        alpha: The scale (the loss correction ``c``).
+        method: ``per_example`` or ``gramian`` (default: :func:`strategy`).
+
+    Returns:
+        ``out``.
+    """
+    if a is None:
+        rotated = g.sum(2) @ q_g  # [V, n, D1]
+        out += rotated.square_().sum((0, 1)).to(out.dtype) * alpha
+        return out
+    vectors, _, s, d1 = g.shape
+    d2 = a.shape[-1]
+    method = method or strategy(s, d1, d2, vectors)
+    if method == "gramian":
+        out += (_gramian(a @ q_a, g @ q_g) * alpha).to(out.dtype)
+        return out
+    if method != "per_example":
+        raise ValueError(f"method must be per_example or gramian, not {method!r}")
+    a_first = s * d2 < vectors * d1 * d2
+    x = a @ q_a if a_first else a
+    total = None
+    for v in range(vectors):
+        y = g[v] @ q_g if s < d2 else g[v]
+        grad = y.transpose(1, 2) @ x  # [n, D1, D2]
+        if not s < d2:
+            grad = q_g.T @ grad
+        if not a_first:
+            grad = grad @ q_a
+        part = grad.square_().sum(0)
+        total = part if total is None else total.add_(part)
+    out += (total * alpha).to(out.dtype)
+    return out
+
+
+def _gramian(x: Tensor, y: Tensor) -> Tensor:
+    """``Σ_{n,s,t} (Σ_v y_vs ∘ y_vt)(x_s ∘ x_t)ᵀ`` of rotated rows ``x: [n, S, D2]`` and
+    ``y: [V, n, S, D1]``, over the pairs ``s <= t`` (each ``s < t`` twice)."""
+    s = x.shape[1]
+    if s == 1:
+        return y.square().sum(0)[:, 0].T @ x[:, 0].square()
+    first, second = torch.triu_indices(s, s, device=x.device)
+    weight = torch.where(first == second, 1.0, 2.0).to(x.dtype)
+    xs = x[:, first] * x[:, second] * weight[:, None]  # [n, pairs, D2]
+    ys = (y[:, :, first] * y[:, :, second]).sum(0)  # [n, pairs, D1]
+    return ys.reshape(-1, ys.shape[-1]).T @ xs.reshape(-1, xs.shape[-1])
+
+
+def chunk_samples(locations: int, d_out: int, d_in: int, vectors: int, budget: int) -> int:
+    """Samples per chunk so that a chunk's rows and products fit ``budget`` elements."""
+    per_sample = locations * (d_in + vectors * d_out) + max(
+        d_out * d_in, locations * (locations + 1) // 2 * (d_in + d_out)
+    )
+    return max(1, budget // max(per_sample, 1))
