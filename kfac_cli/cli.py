@@ -846,6 +846,12 @@ def factors(
             "at most one input may be '-' (stdin)", param_hint="'MODEL ACTS...'"
         )
 
+    if ekfac and eigenbasis is None and "-" in [*inputs, *(grads or [])]:
+        raise typer.BadParameter(
+            "EKFAC reads the dumps twice and a stream ('-') once: make the factors with "
+            "--eigh first, then pass --eigenbasis FACTORS",
+            param_hint="--ekfac",
+        )
     if merge and not quiet:
         err.print("Note: `factors --merge` is now `kfac-cli merge FACTORS...`", markup=False)
 

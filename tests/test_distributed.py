@@ -18,6 +18,7 @@ from torch import nn
 
 from kfac_cli.record import record
 from tests.conftest import free_port, invoke, kfac_cli_exe, torchrun_command
+from tests.test_ekfac import _blocks_of
 
 # Measured bound of the float32 difference from one process (summation order only).
 RANK_RTOL = 1e-6
@@ -175,3 +176,51 @@ def test_a_dead_rank_does_not_leave_the_others_waiting(shards, tmp_path):
     assert len(lines) == 1 and "rank 1" in lines[0] and "3 s" in lines[0], lines
     assert waited < 30
     assert sorted(p.name for p in tmp_path.iterdir()) == ["big.safetensors"]
+
+
+PER_SAMPLE = ("--layer", "0", "--layer", "2.mix", "--layer", "3")  # not 2.pos: once per batch
+
+
+@pytest.mark.parametrize("count", [pytest.param(1, marks=pytest.mark.smoke), 2])
+def test_ekfac_ranks_equal_one_process(shards, tmp_path, count):
+    """Both passes split as factors splits them, one eigenbasis on every rank."""
+    pt2, acts, grads = shards
+    args = [pt2, *acts[:count], "--grads", *grads[:count], "--ekfac", *PER_SAMPLE]
+    single = tmp_path / "single.safetensors"
+    assert invoke("factors", *args, "-o", single).returncode == 0
+    out = tmp_path / "ranks.safetensors"
+    proc = torchrun("factors", *args, "-o", out)
+    assert proc.returncode == 0, proc.stderr.decode()[-2000:]
+    assert _our_lines(proc.stderr) == []
+    assert _header(out) == _header(single)
+    a, b = load_file(single), load_file(out)
+    for key in a:
+        if key.endswith((".A", ".G", ".eigenvalues")):
+            torch.testing.assert_close(b[key], a[key], rtol=1e-5, atol=1e-6 * a[key].abs().max())
+    expected, got = _blocks_of(single), _blocks_of(out)  # eigenvectors: up to sign
+    assert expected.keys() == got.keys() and len(expected) == 3
+    for key, block in expected.items():
+        torch.testing.assert_close(got[key], block, rtol=1e-4, atol=1e-5 * block.abs().max())
+
+
+@pytest.mark.slow
+def test_a_bad_shard_in_the_corrections_pass_fails_every_rank(shards, tmp_path):
+    pt2, acts, grads = shards
+    basis = tmp_path / "basis.safetensors"
+    assert invoke("factors", pt2, *acts[:2], "--grads", *grads[:2], "--eigh", *PER_SAMPLE,
+                  "-o", basis).returncode == 0  # fmt: skip
+    g = load_file(grads[1])
+    g["3"][0, 0, 0] = float("nan")  # only rank 1 reads this file
+    bad = tmp_path / "nan.safetensors"
+    with safe_open(grads[1], "pt") as f:
+        save_file(g, bad, metadata=f.metadata())
+    out = tmp_path / "out.safetensors"
+    proc = torchrun("factors", pt2, *acts[:2], "--grads", grads[0], bad, "--eigenbasis", basis,
+                    *PER_SAMPLE, "-o", out, "--strict")  # fmt: skip
+    assert proc.returncode != 0
+    lines = _our_lines(proc.stderr)
+    assert len(lines) == 1 and lines[0].startswith(f"Error: {bad}: 3: expected finite"), lines
+    assert not out.exists() and sorted(p.name for p in tmp_path.iterdir()) == [
+        "basis.safetensors",
+        "nan.safetensors",
+    ]

@@ -2,12 +2,20 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
+from safetensors import safe_open
+from safetensors.torch import load_file
 from torch import nn
 
 from kfac_cli.ops.ekfac import add_corrections, strategy
-from tests.test_factors import _ours, _setup, _treated
+from tests import test_factors
+from tests.conftest import invoke, run_cli
+from tests.test_factors import _conv_model, _factors, _ours, _setup, _treated
+
+shards = test_factors.shards  # the fixture: four dumps of a CNN (mc, two vectors each)
 
 curvlinops = pytest.importorskip("curvlinops", reason="the reference (see README)")
 
@@ -158,3 +166,161 @@ def test_corrections_routes_equal_brute_force(method, shape):
 def test_strategy_prefers_the_gramian_without_weight_sharing():
     assert strategy(1, 64, 64, 1) == "gramian"
     assert strategy(1024, 64, 576, 1) == "per_example"
+
+
+# ----------------------------------------------------------------------------- files
+
+
+def _blocks_of(path) -> dict[str, torch.Tensor]:
+    """Every EKFAC block of a file, dense, by its corrections key."""
+    got = load_file(path)
+    blocks = {}
+    for key, e in got.items():
+        if key.endswith(".corrections"):
+            layer = key.removesuffix(".corrections")
+            layer = layer.rsplit(".", 1)[0] if f"{layer}.G.eigenvectors" not in got else layer
+            q_a = got[f"{layer}.A.eigenvectors"] if e.ndim == 2 else None
+            blocks[key] = _dense(got[f"{layer}.G.eigenvectors"], q_a, e)
+    return blocks
+
+
+def test_sharded_ekfac_equals_one_run(shards, tmp_path):
+    pt2, acts, grads = shards
+    one = tmp_path / "one.safetensors"
+    _factors(pt2, acts, grads, one, "--ekfac")
+    again = tmp_path / "again.safetensors"
+    _factors(pt2, acts, grads, again, "--eigenbasis", one)
+    assert again.read_bytes() == one.read_bytes()  # its own eigenbasis: the same file
+    halves = [(acts[:2], grads[:2]), (acts[2:], grads[2:])]
+    parts = []
+    for i, (a, g) in enumerate(halves):
+        _factors(pt2, a, g, tmp_path / f"f{i}.safetensors")
+        parts.append(tmp_path / f"f{i}.safetensors")
+    basis = tmp_path / "basis.safetensors"
+    assert invoke("merge", *parts, "-o", basis, "--eigh").returncode == 0
+    corrections = []
+    for i, (a, g) in enumerate(halves):
+        corrections.append(tmp_path / f"c{i}.safetensors")
+        _factors(pt2, a, g, corrections[-1], "--eigenbasis", basis)
+    merged = tmp_path / "merged.safetensors"
+    proc = invoke("merge", *reversed(corrections), "-o", merged)
+    assert proc.returncode == 0, proc.stderr
+    expected, got = _blocks_of(one), _blocks_of(merged)
+    assert expected.keys() == got.keys() and expected
+    for key, block in expected.items():
+        torch.testing.assert_close(got[key], block, rtol=1e-9, atol=1e-12 * block.abs().max())
+    with safe_open(merged, "pt") as f:
+        meta = f.metadata()
+    assert json.loads(meta["ekfac"]) is True
+    assert json.loads(meta["corrections_num_data"]) == json.loads(meta["num_data"])
+
+
+def test_ekfac_misuse_gets_one_line(shards, tmp_path):
+    pt2, acts, grads = shards
+    a = tmp_path / "a.safetensors"
+    b = tmp_path / "b.safetensors"
+    _factors(pt2, acts[:2], grads[:2], a, "--ekfac")
+    _factors(pt2, acts[2:], grads[2:], b, "--ekfac")
+    proc = invoke("merge", a, b, "-o", tmp_path / "m.safetensors")
+    assert proc.returncode == 1 and "eigenbasis" in proc.stderr.decode()
+    assert not (tmp_path / "m.safetensors").exists()
+    plain = tmp_path / "plain.safetensors"
+    _factors(pt2, acts, grads, plain)
+    proc = invoke(
+        "factors", pt2, *acts, "--grads", *grads, "--eigenbasis", plain, "-o", tmp_path / "x"
+    )
+    line = proc.stderr.decode()
+    assert proc.returncode == 1 and "eigenvectors" in line and "--eigh" in line
+    proc = invoke("factors", pt2, "-", "--grads", grads[0], "--ekfac", "-o", tmp_path / "x")
+    assert proc.returncode == 2 and "--eigenbasis" in proc.stderr.decode()
+    proc = invoke("factors", pt2, *acts, "--ekfac", "-o", tmp_path / "x")
+    assert proc.returncode == 1 and "gradient" in proc.stderr.decode()
+    reduce = tmp_path / "reduce.safetensors"
+    _factors(pt2, acts, grads, reduce, "--eigh", "--approx", "reduce")
+    proc = invoke(
+        "factors", pt2, *acts, "--grads", *grads, "--eigenbasis", reduce, "-o", tmp_path / "x"
+    )
+    line = proc.stderr.decode()
+    assert proc.returncode == 1 and "approx" in line and "reduce" in line
+    assert not (tmp_path / "x").exists()
+
+
+def test_ekfac_on_a_stream_with_an_eigenbasis(shards, tmp_path):
+    pt2, acts, grads = shards
+    one = tmp_path / "one.safetensors"
+    _factors(pt2, acts[:1], grads[:1], one, "--ekfac")
+    out = tmp_path / "stream.safetensors"
+    proc = run_cli(
+        "factors", pt2, "-", "--grads", grads[0], "--eigenbasis", one, "-o", out,
+        "--dtype", "float64", input=acts[0].read_bytes(),
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    assert out.read_bytes() == one.read_bytes()
+
+
+# ------------------------------------------------------------------- brute force
+
+
+class _Twice(nn.Module):
+    """One linear layer called twice (two dump keys): one per-example gradient."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(3, 3)
+        self.head = nn.Linear(3, 2)
+
+    def forward(self, x):
+        return self.head(self.fc(torch.tanh(self.fc(x))).mean(1))
+
+
+def _brute_corrections(model, layer: nn.Module, data, got: dict, name: str) -> torch.Tensor:
+    """``Σ_n (Q_Gᵀ ∇_n Q_A)²`` over autograd's per-example gradients of a sum loss, the
+    weight flattened and the bias as the last column (the canonical matrix)."""
+    q_a, q_g = got[f"{name}.A.eigenvectors"], got[f"{name}.G.eigenvectors"]
+    total = 0
+    for x, y in data:
+        for i in range(x.shape[0]):
+            model.zero_grad()
+            nn.functional.cross_entropy(
+                model(x[i : i + 1]), y[i : i + 1], reduction="sum"
+            ).backward()
+            grad = layer.weight.grad.flatten(1)
+            if layer.bias is not None:
+                grad = torch.cat([grad, layer.bias.grad[:, None]], 1)
+            total = total + (q_g.T @ grad @ q_a) ** 2
+    return total
+
+
+@pytest.mark.parametrize(
+    "conv,c_in,spatial",
+    [
+        (nn.Conv1d(4, 3, 3, padding=1, padding_mode="reflect"), 4, (9,)),
+        (nn.Conv1d(4, 2, 4, padding="same", dilation=2), 4, (11,)),
+        (nn.Conv2d(3, 4, 3, padding=2, padding_mode="circular"), 3, (5, 6)),
+        (nn.Conv3d(2, 3, (2, 3, 3), padding=(1, 1, 0), stride=(1, 2, 1)), 2, (4, 5, 6)),
+        (nn.Conv3d(2, 2, 3, padding="same"), 2, (4, 4, 5)),
+    ],
+    ids=["1d-reflect", "1d-same-even-dilated", "2d-circular", "3d-strided", "3d-same"],
+)
+@pytest.mark.parametrize("approx", ["expand", "reduce"])
+def test_nd_corrections_equal_brute_force(tmp_path, conv, c_in, spatial, approx):
+    torch.manual_seed(4)
+    model, x = _conv_model(conv, c_in, spatial)
+    data = [(x, torch.randint(0, 2, (3,))), (x.flip(0) + 1, torch.randint(0, 2, (3,)))]
+    loss = nn.CrossEntropyLoss(reduction="sum")
+    got, _, _ = _ours(model, loss, data, tmp_path, "empirical", approx, False, ekfac=True)
+    expected = _brute_corrections(model, model.conv, data, got, "conv")
+    torch.testing.assert_close(got["conv.corrections"], expected, rtol=1e-10, atol=1e-14)
+
+
+@pytest.mark.parametrize("model", [test_factors.Mix(True), _Twice()], ids=["folded", "twice"])
+def test_folded_and_shared_layers_sum_one_gradient_per_sample(tmp_path, model):
+    torch.manual_seed(2)
+    model = model.double()
+    layer = model.mix if hasattr(model, "mix") else model.fc
+    name = "mix" if hasattr(model, "mix") else "fc"
+    data = [(torch.randn(b, 8, 3, dtype=torch.float64), torch.randint(0, 2, (b,))) for b in (3, 2)]
+    loss = nn.CrossEntropyLoss(reduction="sum")
+    got, _, _ = _ours(model, loss, data, tmp_path, "empirical", "expand", False, ekfac=True)
+    expected = _brute_corrections(model, layer, data, got, name)
+    torch.testing.assert_close(got[f"{name}.corrections"], expected, rtol=1e-10, atol=1e-14)

@@ -35,6 +35,11 @@ def factors_meta(src: Tensors) -> dict:
             "grads",
         ):
             out[key] = json.loads(meta[key])
+        out["eigh"] = json.loads(meta.get("eigh", "false"))
+        out["ekfac"] = json.loads(meta.get("ekfac", "false"))
+        if out["ekfac"]:
+            out["eigenbasis"] = meta["eigenbasis"]
+            out["corrections_num_data"] = json.loads(meta["corrections_num_data"])
     except (KeyError, ValueError) as e:
         raise KfacError(
             src.path,

@@ -9,14 +9,14 @@ factors and eigendecompositions, checked against the run, copied to the output a
 
 from __future__ import annotations
 
-import hashlib
+import json
 import math
 
 import torch
 
 from kfac_cli.errors import KfacError
 from kfac_cli.files.factors_file import CONVENTIONS, COUNTS, factors_meta
-from kfac_cli.files.sources import Tensors, open_tensors
+from kfac_cli.files.sources import Tensors, fingerprint, open_tensors
 from kfac_cli.jobs.pipeline import Read
 from kfac_cli.ops.ekfac import add_corrections, chunk_samples, sample_gradients, sample_inputs
 from kfac_cli.ops.factors import locations, loss_correction
@@ -26,21 +26,6 @@ def block_keys(layer_meta: dict) -> list[tuple[str, bool]]:
     """``(key, weight)`` of each canonical block of a layer (its metadata's ``blocks``):
     whether the block has a weight (``[C_out, D]`` corrections) or is a bias (``[C_out]``)."""
     return [(b["key"], b["W"] is not None) for b in layer_meta["blocks"]]
-
-
-class EigenbasisDigest:
-    """``sha256:`` of the eigenvectors a file holds, in the order it writes them (each
-    tensor's key and bytes): equal digests, equal eigenbases (what ``merge`` checks)."""
-
-    def __init__(self) -> None:
-        self._hash = hashlib.sha256()
-
-    def update(self, key: str, vectors: torch.Tensor) -> None:
-        self._hash.update(key.encode() + b"\0")
-        self._hash.update(vectors.detach().cpu().contiguous().view(torch.uint8).numpy())
-
-    def value(self) -> str:
-        return "sha256:" + self._hash.hexdigest()
 
 
 class Eigenbasis:
@@ -67,7 +52,7 @@ class Eigenbasis:
         for key in ("approx", *CONVENTIONS, "separate_bias"):
             if meta[key] != run[key]:
                 raise KfacError(path, key, f"{run[key]} (as in this run)", str(meta[key]))
-        if meta["model"] != run["model"]:
+        if json.loads(meta["model"]) != run["model"]:
             raise KfacError(path, "model", f"the model {run['model']['file']}", "another model")
         for name, mine in fields["layers"].items():
             theirs = meta["layers"].get(name)
@@ -88,6 +73,12 @@ class Eigenbasis:
     @property
     def dtype(self) -> str:
         return self.meta["dtype"]
+
+    def identity(self) -> str:
+        """What names this eigenbasis in the outputs made in it (``merge`` adds up only
+        corrections of one): the file's own ``eigenbasis`` if it is an EKFAC file, else
+        its fingerprint."""
+        return self.meta.get("eigenbasis") or fingerprint(self.src)
 
     def read(self, key: str) -> torch.Tensor:
         return self.src.read(key)

@@ -17,13 +17,13 @@ import torch
 
 from kfac_cli.enums import ComputeDtype, FisherType, KFACType, LossReduction
 from kfac_cli.errors import KfacError
-from kfac_cli.files.digest import PENDING
+from kfac_cli.files.digest import PENDING, json_fingerprint
 from kfac_cli.files.factors_file import CONVENTIONS, COUNTS, factors_meta
 from kfac_cli.files.kinds import FACTORS, GRADIENTS
 from kfac_cli.files.sources import Tensors, fingerprint, open_tensors
 from kfac_cli.jobs.devices import resolve_device, resolve_dtype
 from kfac_cli.jobs.distributed import RankFailed, Ranks, ranks_from_env
-from kfac_cli.jobs.ekfac import Corrections, Eigenbasis, EigenbasisDigest, block_keys
+from kfac_cli.jobs.ekfac import Corrections, Eigenbasis, block_keys
 from kfac_cli.jobs.pipeline import BufferPool, Prefetcher, Read, view
 from kfac_cli.jobs.skeleton import (
     CPU,
@@ -375,6 +375,7 @@ def _run(ranks: Ranks, model, activations, out, grads, opts: FactorsOptions, rep
             basis.check(fields)
             fields["layers"] = {name: basis.meta["layers"][name] for name in fields["layers"]}
             fields["num_data"] = basis.meta["num_data"]
+            fields["eigenbasis"] = basis.identity()
         plans = _plans(works, job.cast, agreed.fisher_type is FisherType.FORWARD_ONLY, opts, fields)
         accumulate = _Accumulator(job, inputs, works, batches, agreed, opts, ranks, basis, fields)
         written = _stream(job, inputs, plans, fields, accumulate, ranks)
@@ -476,8 +477,11 @@ def _stream(job: Job, inputs: Inputs, plans, fields: dict, accumulate, ranks: Ra
             return None
         n = len(inputs.acts)
         final = {**fields, "activations": prints[:n], "grads": prints[n:]}
-        if "eigenbasis" in fields:
-            final["eigenbasis"] = accumulate.digest.value()
+        if final.get("eigenbasis") == PENDING:  # made here: named by what it was made of
+            final["eigenbasis"] = json_fingerprint(
+                {k: final[k] for k in ("approx", "conventions", "separate_bias", "dtype",
+                                       "model", "activations", "grads", "layers")}
+            )  # fmt: skip
         return factors_header(job, final)
 
     header = factors_header(job, fields)
@@ -716,7 +720,6 @@ class _Accumulator:
         self.ekfac, self.basis = opts.ekfac, basis
         self.layer_metas = (fields or {}).get("layers", {})
         self.second = Corrections(self)
-        self.digest = EigenbasisDigest()
 
     def _rows(self, info, start: int, stop: int, grads: bool):
         """``(row_len, first, end)`` chunks of a unit's batch rows ``start:stop``: of the
@@ -805,11 +808,9 @@ class _Accumulator:
                 self.done[key] = q
             else:
                 q = torch.empty(size, size, dtype=self.dtype)
-            q = q.to(self.stage.device)
+            q = q.to(self.stage.device).contiguous()  # one layout: the same rounding
             if self.basis is None:
                 self.ranks.broadcast_(q)  # the writer's bytes on every rank
-            if self.ranks.writer:
-                self.digest.update(key, q)
             bases.append(q)
         meta = self.layer_metas[w.layer.name]
         sums = self.second.layer(w, meta, *bases, check=self.basis is not None)
@@ -982,7 +983,10 @@ def run_merge(
     """Combine factor files from disjoint data into the file one run over all would give.
 
     ``A`` (and ``G`` of a ``mean`` loss) are averages over samples: combined weighted by
-    each file's ``N``; ``G`` of a ``sum`` loss is a plain sum; counts add up.
+    each file's ``N``; ``G`` of a ``sum`` loss is a plain sum; counts add up. EKFAC files
+    made in one eigenbasis (``eigenbasis``) share their factors, copied once, and add up
+    their corrections like ``G`` (weighted by each file's corrections samples for a
+    ``mean`` loss).
 
     Raises:
         KfacError: For files of different models, approximations or conventions, or files
@@ -998,7 +1002,9 @@ def run_merge(
             dtype = resolve_dtype(metas[0]["dtype"])
         except KfacError as e:
             raise e.with_context(sources[0].path) from None
-        factor_keys = [k for k in sources[0].infos if k.endswith((".A", ".G"))]
+        ekfac = metas[0]["ekfac"]
+        ends = None if ekfac else (".A", ".G")
+        factor_keys = [k for k in sources[0].infos if ends is None or k.endswith(ends)]
         sizes = {k: sources[0].infos[k].shape for k in factor_keys}
         for src in sources:
             missing = [k for k in factor_keys if k not in src.infos]
@@ -1007,11 +1013,11 @@ def run_merge(
         plans = []
         for key in factor_keys:
             plans.append(Plan(key, dtype, sizes[key]))
-            if eigh:
+            if eigh and not ekfac:
                 plans.append(Plan(f"{key}.eigenvalues", dtype, sizes[key][:1]))
                 plans.append(Plan(f"{key}.eigenvectors", dtype, sizes[key]))
         fields = _merged_fields(metas, eigh)
-        produce = _merger(sources, metas, sizes, eigh)
+        produce = (_ekfac_merger if ekfac else _merger)(sources, metas, sizes, eigh)
         written = job.write(
             plans, factors_header(job, fields), produce, lambda: _finish(sources, Ranks())
         )
@@ -1028,7 +1034,9 @@ def _check_mergeable(sources: list[Tensors], metas: list[dict]) -> None:
         KfacError: Naming the first file and key that differ.
     """
     first = metas[0]
-    same = ("approx", *CONVENTIONS, "separate_bias", "dtype", "layout_version")
+    same = ("approx", *CONVENTIONS, "separate_bias", "dtype", "layout_version", "ekfac")
+    if first["ekfac"]:  # corrections of one eigenbasis, from the same factors
+        same += ("eigenbasis", "num_data")
     for src, meta in zip(sources[1:], metas[1:]):
         for key in same:
             if meta[key] != first[key]:
@@ -1057,6 +1065,22 @@ def _check_mergeable(sources: list[Tensors], metas: list[dict]) -> None:
 def _merged_fields(metas: list[dict], eigh: bool) -> dict:
     """The merged file's metadata fields: counts added, lists concatenated."""
     first = metas[0]
+    if first["ekfac"]:
+        return dict(
+            approx=first["approx"],
+            conventions={k: first[k] for k in CONVENTIONS},
+            separate_bias=first["separate_bias"],
+            num_data=first["num_data"],
+            dtype=first["dtype"],
+            eigh=True,
+            ekfac=True,
+            eigenbasis=first["eigenbasis"],
+            corrections_num_data=sum(m["corrections_num_data"] for m in metas),
+            model=first["model"],
+            activations=[a for m in metas for a in m["activations"]],
+            grads=[g for m in metas for g in m["grads"]],
+            layers=first["layers"],
+        )
     layers = {}
     for name, layer in first["layers"].items():
         merged = dict(layer)
@@ -1099,6 +1123,32 @@ def _merger(sources: list[Tensors], metas: list[dict], sizes: dict, eigh: bool):
                 vals, vecs = factor_eigh(done[base], None, base)
                 done[f"{base}.eigenvalues"], done[f"{base}.eigenvectors"] = vals, vecs
         put(plan.key, done.pop(plan.key).to(plan.dtype))
+
+    return produce
+
+
+def _ekfac_merger(sources: list[Tensors], metas: list[dict], sizes: dict, eigh: bool):
+    """``produce`` for :meth:`Job.write` merging EKFAC files of one eigenbasis: factors and
+    eigendecompositions copied from the first file (the same bytes in every file), the
+    corrections summed in float64, weighted by corrections samples for a ``mean`` loss."""
+    n = sum(m["corrections_num_data"] for m in metas)
+    weighted = metas[0]["loss_reduction"] == "mean"
+
+    def produce(plan: Plan, put) -> None:
+        if not plan.key.endswith(".corrections"):
+            first = sources[0].read(plan.key)
+            for src in sources[1:]:
+                if not torch.equal(src.read(plan.key), first):
+                    raise KfacError(
+                        src.path, plan.key, f"the same factor as {sources[0].path}", "another"
+                    )
+            put(plan.key, first)
+            return
+        total = torch.zeros(sizes[plan.key], dtype=torch.float64)
+        for src, meta in zip(sources, metas):
+            weight = meta["corrections_num_data"] / n if weighted else 1.0
+            total += src.read(plan.key).double() * weight
+        put(plan.key, total.to(plan.dtype))
 
     return produce
 
