@@ -10,6 +10,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 from torch import nn
 
+from kfac_cli.jobs.stats import run_stats
 from kfac_cli.ops.ekfac import add_corrections, strategy
 from tests import test_factors
 from tests.conftest import invoke, run_cli
@@ -50,6 +51,10 @@ def _dense(q_g: torch.Tensor, q_a: torch.Tensor | None, e: torch.Tensor) -> torc
 
 
 def _reference_blocks(model, loss, data, separate: bool, basis: dict, **kw):
+    return _reference(model, loss, data, separate, basis, **kw)[1]
+
+
+def _reference(model, loss, data, separate: bool, basis: dict, **kw):
     """curvlinops' EKFAC blocks, its corrections computed in the eigenbasis of ``basis``
     (our file: an eigenbasis is arbitrary within a repeated eigenvalue, e.g. the zero ones
     of a factor of less rank than size), after checking its factors against ours."""
@@ -87,7 +92,7 @@ def _reference_blocks(model, loss, data, separate: bool, basis: dict, **kw):
                 blocks[key] = _dense(q_g, q_a if p_name == "weight" else None, e[pos])
         else:
             blocks[name] = _dense(q_g, q_a, e)
-    return blocks
+    return ref, blocks
 
 
 def _our_blocks(got: dict, model, separate: bool) -> dict[str, torch.Tensor]:
@@ -140,6 +145,22 @@ def test_ekfac_equals_curvlinops(tmp_path, kind, loss_name, fisher, reduction, a
     for key, block in reference.items():
         scale = block.abs().max()
         torch.testing.assert_close(ours[key], block, rtol=0, atol=1e-10 * scale)
+
+
+@pytest.mark.parametrize("sep", [False, True], ids=["joint", "separate"])
+def test_stats_of_an_ekfac_file_equal_curvlinops(tmp_path, sep):
+    model, loss, data = _setup("cnn", "ce", "mean")
+    got, _, path = _ours(model, loss, data, tmp_path, "type-2", "expand", sep, ekfac=True)
+    ref, blocks = _reference(model, loss, data, sep, got, fisher_type="type-2")
+    stats = run_stats(path, damping=1e-3)
+    assert stats["ekfac"] is True
+    total = stats["total"]
+    assert total["trace"] == pytest.approx(float(ref.trace), rel=1e-10)
+    assert total["frobenius_norm"] == pytest.approx(float(ref.frobenius_norm), rel=1e-10)
+    dense = torch.block_diag(*blocks.values())
+    eye = torch.eye(dense.shape[0], dtype=dense.dtype)
+    assert total["logdet"] == pytest.approx(float(torch.slogdet(dense + 1e-3 * eye)[1]), rel=1e-9)
+    assert total["dim"] == dense.shape[0]
 
 
 @pytest.mark.parametrize("method", ["per_example", "gramian"])

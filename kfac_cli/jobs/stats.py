@@ -11,7 +11,7 @@ from kfac_cli.errors import KfacError
 from kfac_cli.files.factors_file import factors_meta
 from kfac_cli.files.sources import Tensors, open_tensors
 from kfac_cli.ops.eigh import factor_eigh
-from kfac_cli.ops.kronecker import block_stats, total_stats
+from kfac_cli.ops.kronecker import block_stats, spectrum_stats, total_stats
 
 
 def _eigenvalues(src: Tensors, key: str) -> torch.Tensor:
@@ -27,7 +27,8 @@ def run_stats(factors: Path | str, *, damping: float = 0.0) -> dict:
     """Per layer (summed over its canonical blocks) and in total: ``dim``, ``trace``,
     ``frobenius_norm``, ``logdet`` of ``F + damping·I`` (exact damping), the extreme
     eigenvalues of ``F`` and the ``condition_number`` of ``F + damping·I``
-    (:mod:`kfac_cli.ops.kronecker`). Forward-only factors have ``G = I``.
+    (:mod:`kfac_cli.ops.kronecker`). Forward-only factors have ``G = I``; an EKFAC file's
+    blocks have its corrections for eigenvalues.
 
     Raises:
         KfacError: For a file that is no factors file, a negative damping, or a factor
@@ -41,13 +42,22 @@ def run_stats(factors: Path | str, *, damping: float = 0.0) -> dict:
         for name, layer in meta["layers"].items():
             if meta["fisher_type"] == "forward-only":
                 vals_g = torch.ones(layer["C_out"], dtype=torch.float64)
-            else:
+            elif not meta["ekfac"]:
                 vals_g = _eigenvalues(src, f"{name}.G")
-            vals_a = _eigenvalues(src, f"{name}.A")
-            blocks = [
-                block_stats(vals_g, vals_a if "A" in b["factors"] else vals_a.new_ones(1), damping)
-                for b in layer["blocks"]
-            ]
+            if not meta["ekfac"]:
+                vals_a = _eigenvalues(src, f"{name}.A")
+            if meta["ekfac"]:  # each block's eigenvalues are its corrections
+                blocks = [
+                    spectrum_stats(src.read(f"{b['key']}.corrections"), damping)
+                    for b in layer["blocks"]
+                ]
+            else:
+                blocks = [
+                    block_stats(
+                        vals_g, vals_a if "A" in b["factors"] else vals_a.new_ones(1), damping
+                    )
+                    for b in layer["blocks"]
+                ]
             layers[name] = total_stats(blocks, damping)
             blocks_all += blocks
             if layers[name]["logdet"] == -float("inf"):
@@ -58,6 +68,7 @@ def run_stats(factors: Path | str, *, damping: float = 0.0) -> dict:
         "file": str(factors),
         "damping": damping,
         "num_data": meta["num_data"],
+        "ekfac": meta["ekfac"],
         "layers": layers,
         "total": total,
         "notes": notes,

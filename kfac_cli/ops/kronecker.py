@@ -5,7 +5,8 @@ eigenvalues ``λ_G,i λ_A,j``. So ``tr = tr(G) tr(A)``, ``‖·‖_F = ‖G‖_F
 exact damping ``log det(G ⊗ A + δI) = Σ_ij log(λ_G,i λ_A,j + δ)``, as curvlinops 3.0.1's
 ``KFACLinearOperator`` has them (``trace``, ``frobenius_norm``, ``logdet``; ``δ = 0``).
 A bias block of a separate-bias layer is ``G`` alone (``λ_A = [1]``); forward-only
-factors have ``G = I``.
+factors have ``G = I``. An EKFAC block ``(Q_G ⊗ Q_A) diag(vec E) (Q_G ⊗ Q_A)ᵀ`` has the
+eigenvalues ``E`` (curvlinops' ``EKFACLinearOperator`` alike).
 """
 
 from __future__ import annotations
@@ -17,16 +18,21 @@ from torch import Tensor
 
 
 def block_stats(vals_g: Tensor, vals_a: Tensor, damping: float = 0.0) -> dict[str, float]:
-    """Summaries of a block ``F = G ⊗ A`` from ``λ_G`` ``[m]`` and ``λ_A`` ``[n]``: its
-    ``dim``, ``trace`` and ``frobenius_norm``, the ``logdet`` of ``F + damping·I``, the
-    extreme eigenvalues of ``F``, and the ``condition_number`` of ``F + damping·I``. An
-    eigenvalue ``<= 0`` after damping makes the block singular: ``logdet`` is ``-inf``
-    and the condition number ``inf``. Computed in float64."""
-    vals_g, vals_a = vals_g.double(), vals_a.double()
-    products = torch.outer(vals_g, vals_a).flatten()
+    """Summaries of a block ``F = G ⊗ A`` from ``λ_G`` ``[m]`` and ``λ_A`` ``[n]``
+    (:func:`spectrum_stats` of their products)."""
+    return spectrum_stats(torch.outer(vals_g.double(), vals_a.double()).flatten(), damping)
+
+
+def spectrum_stats(eigenvalues: Tensor, damping: float = 0.0) -> dict[str, float]:
+    """Summaries of a block from its eigenvalues (KFAC: ``λ_G,i λ_A,j``; EKFAC: its
+    corrections): its ``dim``, ``trace`` and ``frobenius_norm``, the ``logdet`` of
+    ``F + damping·I``, the extreme eigenvalues of ``F``, and the ``condition_number`` of
+    ``F + damping·I``. An eigenvalue ``<= 0`` after damping makes the block singular:
+    ``logdet`` is ``-inf`` and the condition number ``inf``. Computed in float64."""
+    products = eigenvalues.double().flatten()
     return {
         "dim": products.numel(),
-        "trace": float(vals_g.sum() * vals_a.sum()),
+        "trace": float(products.sum()),
         "frobenius_norm": math.sqrt(float(products.square().sum())),
         "logdet": _logdet(products + damping),
         "eigenvalue_max": float(products.max()),
