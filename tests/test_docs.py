@@ -79,6 +79,7 @@ def test_readme_python_blocks_run(index, tmp_path):
         "record_shards.py",
         "kfac_step.py",
         "plot_factor.py",
+        "ekfac_shards.py",
     ],
 )
 def test_example_runs_and_checks_itself(script, tmp_path):
