@@ -1,7 +1,7 @@
 """EKFAC over shards: factors per shard, merged; corrections per shard in that eigenbasis,
 merged; checked against one `--ekfac` run and against autograd's per-example gradients.
 
-    factors per shard  ->  merge --eigh  ->  factors --eigenbasis per shard  ->  merge
+    factors per shard -> merge --eigh -> factors --eigenbasis per shard -> merge --eigenbasis
 
 Each step reads its shard alone (a CI matrix job, a cluster array task). The EKFAC block of
 a layer is ``(Q_G ⊗ Q_A) diag(vec E) (Q_G ⊗ Q_A)ᵀ`` with ``E = Σ_n (Q_Gᵀ ∇_n Q_A)²`` over
@@ -60,7 +60,8 @@ def main(folder: Path) -> None:
         out = folder / f"corrections-{i}.safetensors"
         run("factors", pt2, acts, "--grads", grads, "--eigenbasis", basis, "-o", out)
     ekfac = folder / "ekfac.safetensors"  # 4. merged
-    run("merge", *(folder / f"corrections-{i}.safetensors" for i in range(4)), "-o", ekfac)
+    corrections = (folder / f"corrections-{i}.safetensors" for i in range(4))
+    run("merge", *corrections, "--eigenbasis", basis, "-o", ekfac)
 
     one = folder / "one-run.safetensors"  # the same in one run, both passes
     run("factors", pt2, *(a for a, _ in shards), "--grads", *(g for _, g in shards),

@@ -37,7 +37,7 @@ _API = {
     "run_canonicalize": "kfac_cli.jobs.canonicalize",
     "run_uncanonicalize": "kfac_cli.jobs.canonicalize",
     "run_factors": "kfac_cli.jobs.factors",
-    "run_merge": "kfac_cli.jobs.factors",
+    "run_merge": "kfac_cli.jobs.merge",
     "run_info": "kfac_cli.jobs.info",
     "run_stats": "kfac_cli.jobs.stats",
     "record": "kfac_cli.record",

@@ -856,7 +856,8 @@ def factors(
         err.print("Note: `factors --merge` is now `kfac-cli merge FACTORS...`", markup=False)
 
     def make(reporter):
-        from kfac_cli.jobs.factors import FactorsOptions, run_factors, run_merge
+        from kfac_cli.jobs.factors import FactorsOptions, run_factors
+        from kfac_cli.jobs.merge import run_merge
 
         if merge:
             return run_merge(inputs, output, eigh=eigh, force=force, reporter=reporter)
@@ -1026,6 +1027,16 @@ def merge(
     factor_files: Annotated[list[str], typer.Argument(show_default=False, metavar="FACTORS...")],
     output: Out,
     eigh: Eigh = False,
+    eigenbasis: Annotated[
+        str | None,
+        typer.Option(
+            "--eigenbasis",
+            help="EKFAC corrections alone (from factors --eigenbasis): the factors file they "
+            "were made in, whose factors and eigendecompositions complete the output.",
+            show_default=False,
+            metavar="FACTORS",
+        ),
+    ] = None,
     force: Force = False,
     quiet: Quiet = False,
     as_json: JsonOut = False,
@@ -1036,18 +1047,29 @@ def merge(
     A (and G of a mean loss) are averages over samples: they are combined weighted by each
     file's N; G of a sum loss is a plain sum; counts add up. The files must come from the
     same model, approximation, conventions and dtype, and no input may be given twice.
+    EKFAC corrections made in one eigenbasis add up like G; with --eigenbasis the output
+    gets that file's factors and eigendecompositions (a complete EKFAC file).
 
     \b
     Examples:
         $ kfac-cli merge part-*.safetensors -o factors.safetensors
         $ kfac-cli merge part-*.safetensors -o factors.safetensors --eigh --json
+        $ kfac-cli merge corrections-*.safetensors --eigenbasis basis.safetensors \\
+              -o ekfac.safetensors
     """
     _check_stdout(output, as_json)
 
     def make(reporter):
-        from kfac_cli.jobs.factors import run_merge
+        from kfac_cli.jobs.merge import run_merge
 
-        return run_merge(factor_files, output, eigh=eigh, force=force, reporter=reporter)
+        return run_merge(
+            factor_files,
+            output,
+            eigh=eigh,
+            eigenbasis=eigenbasis,
+            force=force,
+            reporter=reporter,
+        )
 
     _run_job("merge", debug, quiet, as_json, make)
 

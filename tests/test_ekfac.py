@@ -11,7 +11,13 @@ from safetensors.torch import load_file
 from torch import nn
 
 from kfac_cli.jobs.stats import run_stats
-from kfac_cli.ops.ekfac import add_corrections, strategy
+from kfac_cli.ops.eigh import factor_eigh
+from kfac_cli.ops.ekfac import (
+    add_corrections,
+    add_weight_corrections,
+    split_eigenbasis,
+    strategy,
+)
 from tests import test_factors
 from tests.conftest import invoke, run_cli
 from tests.test_factors import _conv_model, _factors, _ours, _setup, _treated
@@ -184,6 +190,24 @@ def test_corrections_routes_equal_brute_force(method, shape):
     torch.testing.assert_close(got, bias, rtol=1e-12, atol=1e-12)
 
 
+def test_unit_eigenvectors_are_copied_not_multiplied():
+    """Zero rows of a factor (taps that read only padding) give exact unit eigenvectors:
+    the split basis rotates the rest and copies those, with the same result, also where
+    the data are not zero there."""
+    gen = torch.Generator().manual_seed(0)
+    rows = torch.randn(40, 7, dtype=torch.float64, generator=gen)
+    rows[:, [1, 4, 5]] = 0
+    vals, q_a = factor_eigh(rows.T @ rows)
+    basis = split_eigenbasis(q_a, vals)
+    assert sorted(basis.unit_rows.tolist()) == [1, 4, 5] and basis.live.shape == (4, 4)
+    q_g = torch.linalg.qr(torch.randn(3, 3, dtype=torch.float64, generator=gen))[0]
+    g = torch.randn(2, 5, 6, 3, dtype=torch.float64, generator=gen)
+    for a in (rows[:30].reshape(5, 6, 7), torch.randn(5, 6, 7, dtype=torch.float64, generator=gen)):
+        expected = add_corrections(torch.zeros(3, 7, dtype=torch.float64), a, g, q_g, q_a)
+        got = add_weight_corrections(torch.zeros(3, 7, dtype=torch.float64), a, g, q_g, basis)
+        torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-14)
+
+
 def test_strategy_prefers_the_gramian_without_weight_sharing():
     assert strategy(1, 64, 64, 1) == "gramian"
     assert strategy(1024, 64, 576, 1) == "per_example"
@@ -211,7 +235,10 @@ def test_sharded_ekfac_equals_one_run(shards, tmp_path):
     _factors(pt2, acts, grads, one, "--ekfac")
     again = tmp_path / "again.safetensors"
     _factors(pt2, acts, grads, again, "--eigenbasis", one)
-    assert again.read_bytes() == one.read_bytes()  # its own eigenbasis: the same file
+    assert not any(k.endswith(".eigenvectors") for k in load_file(again))  # corrections only
+    completed = tmp_path / "completed.safetensors"
+    assert invoke("merge", again, "--eigenbasis", one, "-o", completed).returncode == 0
+    assert completed.read_bytes() == one.read_bytes()  # its own eigenbasis: the same file
     halves = [(acts[:2], grads[:2]), (acts[2:], grads[2:])]
     parts = []
     for i, (a, g) in enumerate(halves):
@@ -224,7 +251,7 @@ def test_sharded_ekfac_equals_one_run(shards, tmp_path):
         corrections.append(tmp_path / f"c{i}.safetensors")
         _factors(pt2, a, g, corrections[-1], "--eigenbasis", basis)
     merged = tmp_path / "merged.safetensors"
-    proc = invoke("merge", *reversed(corrections), "-o", merged)
+    proc = invoke("merge", *reversed(corrections), "--eigenbasis", basis, "-o", merged)
     assert proc.returncode == 0, proc.stderr
     expected, got = _blocks_of(one), _blocks_of(merged)
     assert expected.keys() == got.keys() and expected
@@ -232,8 +259,14 @@ def test_sharded_ekfac_equals_one_run(shards, tmp_path):
         torch.testing.assert_close(got[key], block, rtol=1e-9, atol=1e-12 * block.abs().max())
     with safe_open(merged, "pt") as f:
         meta = f.metadata()
-    assert json.loads(meta["ekfac"]) is True
+    assert json.loads(meta["ekfac"]) is True and "corrections_only" not in meta
     assert json.loads(meta["corrections_num_data"]) == json.loads(meta["num_data"])
+    lean = tmp_path / "lean.safetensors"  # without the eigenbasis: corrections only
+    assert invoke("merge", *corrections, "-o", lean).returncode == 0
+    for key, value in load_file(lean).items():
+        torch.testing.assert_close(value, load_file(merged)[key], rtol=0, atol=0)
+    proc = invoke("stats", lean)
+    assert proc.returncode == 1 and "--eigenbasis" in proc.stderr.decode()
 
 
 def test_ekfac_misuse_gets_one_line(shards, tmp_path):
@@ -244,6 +277,10 @@ def test_ekfac_misuse_gets_one_line(shards, tmp_path):
     _factors(pt2, acts[2:], grads[2:], b, "--ekfac")
     proc = invoke("merge", a, b, "-o", tmp_path / "m.safetensors")
     assert proc.returncode == 1 and "eigenbasis" in proc.stderr.decode()
+    c = tmp_path / "c.safetensors"
+    _factors(pt2, acts[2:], grads[2:], c, "--eigenbasis", a)
+    proc = invoke("merge", c, "--eigenbasis", b, "-o", tmp_path / "m.safetensors")
+    assert proc.returncode == 1 and "the eigenbasis of" in proc.stderr.decode()
     assert not (tmp_path / "m.safetensors").exists()
     plain = tmp_path / "plain.safetensors"
     _factors(pt2, acts, grads, plain)
@@ -276,7 +313,9 @@ def test_ekfac_on_a_stream_with_an_eigenbasis(shards, tmp_path):
         "--dtype", "float64", input=acts[0].read_bytes(),
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr
-    assert out.read_bytes() == one.read_bytes()
+    completed = tmp_path / "completed.safetensors"
+    assert invoke("merge", out, "--eigenbasis", one, "-o", completed).returncode == 0
+    assert completed.read_bytes() == one.read_bytes()
 
 
 # ------------------------------------------------------------------- brute force
@@ -320,8 +359,16 @@ def _brute_corrections(model, layer: nn.Module, data, got: dict, name: str) -> t
         (nn.Conv2d(3, 4, 3, padding=2, padding_mode="circular"), 3, (5, 6)),
         (nn.Conv3d(2, 3, (2, 3, 3), padding=(1, 1, 0), stride=(1, 2, 1)), 2, (4, 5, 6)),
         (nn.Conv3d(2, 2, 3, padding="same"), 2, (4, 4, 5)),
+        (nn.Conv2d(2, 3, 3, padding=5, dilation=5), 2, (4, 4)),
     ],
-    ids=["1d-reflect", "1d-same-even-dilated", "2d-circular", "3d-strided", "3d-same"],
+    ids=[
+        "1d-reflect",
+        "1d-same-even-dilated",
+        "2d-circular",
+        "3d-strided",
+        "3d-same",
+        "2d-padding-only-taps",
+    ],
 )
 @pytest.mark.parametrize("approx", ["expand", "reduce"])
 def test_nd_corrections_equal_brute_force(tmp_path, conv, c_in, spatial, approx):

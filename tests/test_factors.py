@@ -15,7 +15,8 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from kfac_cli.errors import KfacError
-from kfac_cli.jobs.factors import run_factors, run_merge
+from kfac_cli.jobs.factors import run_factors
+from kfac_cli.jobs.merge import run_merge
 from kfac_cli.ops.conv import ConvParams
 from kfac_cli.ops.factors import (
     conv_covariance,

@@ -6,10 +6,14 @@ from __future__ import annotations
 import json
 
 from kfac_cli.errors import KfacError
+from kfac_cli.files.digest import json_fingerprint
 from kfac_cli.files.kinds import FACTORS
 from kfac_cli.files.sources import Tensors
 
 COUNTS = ("rows", "gradient_rows", "input_shapes")
+# The fields that name what an eigenbasis was computed from (see :func:`eigenbasis_id`).
+BASIS_FIELDS = ("approx", "conventions", "separate_bias", "dtype", "model", "activations",
+                "grads", "layers")  # fmt: skip
 CONVENTIONS = ("fisher_type", "loss_reduction", "num_per_example_loss_terms", "mc_samples")
 
 
@@ -37,9 +41,14 @@ def factors_meta(src: Tensors) -> dict:
             out[key] = json.loads(meta[key])
         out["eigh"] = json.loads(meta.get("eigh", "false"))
         out["ekfac"] = json.loads(meta.get("ekfac", "false"))
+        out["corrections_only"] = json.loads(meta.get("corrections_only", "false"))
         if out["ekfac"]:
             out["eigenbasis"] = meta["eigenbasis"]
             out["corrections_num_data"] = json.loads(meta["corrections_num_data"])
+        else:
+            out["eigenbasis"] = eigenbasis_id(
+                {**out, "conventions": {k: out[k] for k in CONVENTIONS}}
+            )
     except (KeyError, ValueError) as e:
         raise KfacError(
             src.path,
@@ -50,3 +59,29 @@ def factors_meta(src: Tensors) -> dict:
     if not isinstance(out["num_data"], int) or out["num_data"] < 0:
         raise KfacError(src.path, "num_data", "a sample count", repr(out["num_data"]))
     return out
+
+
+def eigenbasis_id(fields: dict) -> str:
+    """``sha256:`` of what a factors file's eigendecompositions were computed from (its
+    :data:`BASIS_FIELDS`: the dumps' fingerprints, model, conventions, layers): it names
+    the eigenbasis in the EKFAC files made in it, the same on every torchrun rank."""
+    named = {k: fields[k] for k in BASIS_FIELDS}
+    if isinstance(named["model"], str):  # as a file's metadata holds it
+        named["model"] = json.loads(named["model"])
+    return json_fingerprint(named)
+
+
+def require_complete(src: Tensors, meta: dict) -> None:
+    """A factors file that holds its factors (not the corrections alone).
+
+    Raises:
+        KfacError: For a corrections-only file, saying how to complete it.
+    """
+    if meta["corrections_only"]:
+        raise KfacError(
+            src.path,
+            "corrections_only",
+            "a factors file with its factors (merge the corrections with --eigenbasis "
+            "FACTORS to complete them)",
+            "EKFAC corrections alone",
+        )

@@ -16,9 +16,16 @@ import torch
 
 from kfac_cli.errors import KfacError
 from kfac_cli.files.factors_file import CONVENTIONS, COUNTS, factors_meta
-from kfac_cli.files.sources import Tensors, fingerprint, open_tensors
+from kfac_cli.files.sources import Tensors, open_tensors
 from kfac_cli.jobs.pipeline import Read
-from kfac_cli.ops.ekfac import add_corrections, chunk_samples, sample_gradients, sample_inputs
+from kfac_cli.ops.ekfac import (
+    add_corrections,
+    add_weight_corrections,
+    chunk_samples,
+    sample_gradients,
+    sample_inputs,
+    split_eigenbasis,
+)
 from kfac_cli.ops.factors import locations, loss_correction
 
 
@@ -76,9 +83,9 @@ class Eigenbasis:
 
     def identity(self) -> str:
         """What names this eigenbasis in the outputs made in it (``merge`` adds up only
-        corrections of one): the file's own ``eigenbasis`` if it is an EKFAC file, else
-        its fingerprint."""
-        return self.meta.get("eigenbasis") or fingerprint(self.src)
+        corrections of one): an EKFAC file's own ``eigenbasis``, else what its
+        eigendecompositions were computed from (:func:`eigenbasis_id`)."""
+        return self.meta["eigenbasis"]
 
     def read(self, key: str) -> torch.Tensor:
         return self.src.read(key)
@@ -150,10 +157,11 @@ class Corrections:
                 read = lambda buf, s=src, k=key, r=(row_len, *rows): s.read(k, buf, r)  # noqa: E731
                 yield Read(f"{src.path}:{key}", rows, nbytes, read)
 
-    def layer(self, w, layer_meta: dict, q_a: torch.Tensor, q_g: torch.Tensor, check: bool):
+    def layer(self, w, layer_meta: dict, q_a, q_g, vals_a, check: bool):
         """Each block's corrections ``{key: [C_out, D] or [C_out]}`` (float64), summed over
         this rank's samples and then over the ranks; ``q_a``, ``q_g``: the eigenvectors
-        (columns) in the accumulation dtype on the device; ``check``: count NaN/Inf (a
+        (columns) in the accumulation dtype on the device, ``vals_a`` ``A``'s eigenvalues
+        (exact zeros: unit eigenvectors); ``check``: count NaN/Inf (a
         pass of its own: no factors were summed from these reads)."""
         acc = self.acc
         conv, device = w.layer.conv, acc.stage.device
@@ -166,6 +174,7 @@ class Corrections:
             for key, weight in blocks
         }
         conventions = acc.agreed
+        basis = split_eigenbasis(q_a, vals_a)
         for f, keys, s0, s1, groups in self._chunks(w):
             acc.ranks.check()
             reads = self._row_reads(f, keys, s0, s1, groups)
@@ -188,9 +197,10 @@ class Corrections:
                     ]
                 )
                 for key, weight in blocks:
-                    add_corrections(
-                        sums[key], a if weight else None, g, q_g, q_a if weight else None, alpha
-                    )
+                    if weight:
+                        add_weight_corrections(sums[key], a, g, q_g, basis, alpha)
+                    else:
+                        add_corrections(sums[key], None, g, q_g, None, alpha)
         if check:
             for sources in (acc.acts, acc.grads):
                 for src in sources:

@@ -17,8 +17,8 @@ import torch
 
 from kfac_cli.enums import ComputeDtype, FisherType, KFACType, LossReduction
 from kfac_cli.errors import KfacError
-from kfac_cli.files.digest import PENDING, json_fingerprint
-from kfac_cli.files.factors_file import CONVENTIONS, COUNTS, factors_meta
+from kfac_cli.files.digest import PENDING
+from kfac_cli.files.factors_file import eigenbasis_id
 from kfac_cli.files.kinds import FACTORS, GRADIENTS
 from kfac_cli.files.sources import Tensors, fingerprint, open_tensors
 from kfac_cli.jobs.devices import resolve_device, resolve_dtype
@@ -376,6 +376,7 @@ def _run(ranks: Ranks, model, activations, out, grads, opts: FactorsOptions, rep
             fields["layers"] = {name: basis.meta["layers"][name] for name in fields["layers"]}
             fields["num_data"] = basis.meta["num_data"]
             fields["eigenbasis"] = basis.identity()
+            fields["corrections_only"], fields["eigh"] = True, False
         plans = _plans(works, job.cast, agreed.fisher_type is FisherType.FORWARD_ONLY, opts, fields)
         accumulate = _Accumulator(job, inputs, works, batches, agreed, opts, ranks, basis, fields)
         written = _stream(job, inputs, plans, fields, accumulate, ranks)
@@ -478,10 +479,7 @@ def _stream(job: Job, inputs: Inputs, plans, fields: dict, accumulate, ranks: Ra
         n = len(inputs.acts)
         final = {**fields, "activations": prints[:n], "grads": prints[n:]}
         if final.get("eigenbasis") == PENDING:  # made here: named by what it was made of
-            final["eigenbasis"] = json_fingerprint(
-                {k: final[k] for k in ("approx", "conventions", "separate_bias", "dtype",
-                                       "model", "activations", "grads", "layers")}
-            )  # fmt: skip
+            final["eigenbasis"] = eigenbasis_id(final)
         return factors_header(job, final)
 
     header = factors_header(job, fields)
@@ -500,7 +498,8 @@ def factors_header(job: Job, fields: dict) -> dict[str, str]:
     ``fields`` holds approx, conventions, separate_bias, num_data, dtype, eigh, model,
     activations, grads and layers."""
     order = ("approx", "separate_bias", "num_data", "dtype", "eigh", "ekfac", "eigenbasis",
-             "corrections_num_data", "model", "activations", "grads", "layers")  # fmt: skip
+             "corrections_num_data", "corrections_only", "model", "activations", "grads",
+             "layers")  # fmt: skip
     f = {k: fields[k] for k in order if k in fields}
     return job.header(FACTORS, approx=f.pop("approx"), **fields["conventions"], **f)
 
@@ -641,7 +640,7 @@ def _plans(works: list[Work], dtype, forward_only: bool, opts, fields: dict) -> 
     for w in works:
         sizes = {"A": w.d} if forward_only else {"A": w.d, "G": w.c_out}
         meta = {"layer": w.layer.name}
-        for factor, size in sizes.items():
+        for factor, size in sizes.items() if opts.eigenbasis is None else ():
             key = f"{w.layer.name}.{factor}"
             plans.append(Plan(key, dtype, (size, size), meta))
             if opts.eigh:
@@ -789,42 +788,32 @@ class _Accumulator:
             put(plan.key, block, None, lambda b=buf: self.out_pool.put(b))
 
     def _layer(self, w: Work) -> None:
-        """One layer's outputs into ``self.done``: its factors (summed, or copied from the
-        eigenbasis file), then (EKFAC) its corrections in their eigenbasis."""
+        """One layer's outputs into ``self.done``: its factors (unless given an eigenbasis
+        file), then (EKFAC) its corrections in their eigenbasis."""
         if self.basis is None:
             self._sum_factors(w)
-        elif self.ranks.writer:
-            for plan_key in self._factor_keys(w):
-                self.done[plan_key] = self.basis.read(plan_key)
         if not self.ekfac:
             return
-        bases = []
-        for name, size in (("A", w.d), ("G", w.c_out)):
-            key = f"{w.layer.name}.{name}.eigenvectors"
+        bases = []  # A's eigenvalues, A's and G's eigenvectors, as stored
+        for key, shape in (("A.eigenvalues", (w.d,)), ("A.eigenvectors", (w.d, w.d)),
+                           ("G.eigenvectors", (w.c_out, w.c_out))):  # fmt: skip
+            key = f"{w.layer.name}.{key}"
             if self.basis is not None:
-                q = self.basis.read(key).to(self.dtype)
+                value = self.basis.read(key).to(self.dtype)
             elif self.ranks.writer:
-                q = self.done[key].to(CPU, self.dtype)
-                self.done[key] = q
+                value = self.done[key] = self.done[key].to(CPU, self.dtype)
             else:
-                q = torch.empty(size, size, dtype=self.dtype)
-            q = q.to(self.stage.device).contiguous()  # one layout: the same rounding
+                value = torch.empty(shape, dtype=self.dtype)
+            value = value.to(self.stage.device).contiguous()  # one layout: the same rounding
             if self.basis is None:
-                self.ranks.broadcast_(q)  # the writer's bytes on every rank
-            bases.append(q)
+                self.ranks.broadcast_(value)  # the writer's bytes on every rank
+            bases.append(value)
+        vals_a, q_a, q_g = bases
         meta = self.layer_metas[w.layer.name]
-        sums = self.second.layer(w, meta, *bases, check=self.basis is not None)
+        sums = self.second.layer(w, meta, q_a, q_g, vals_a, check=self.basis is not None)
         if self.ranks.writer:
             for key, total in sums.items():
                 self.done[f"{key}.corrections"] = total.to(self.dtype)
-
-    def _factor_keys(self, w: Work) -> list[str]:
-        """The keys of a layer's factors and eigendecompositions."""
-        return [
-            f"{w.layer.name}.{name}{part}"
-            for name in ("A", "G")
-            for part in ("", ".eigenvalues", ".eigenvectors")
-        ]
 
     def _sum_factors(self, w: Work) -> None:
         """Sum, combine over ranks, scale, symmetrise (and decompose) one layer's factors.
@@ -919,8 +908,8 @@ class _Accumulator:
         Raises:
             KfacError: Naming the factor and the wider dtype that fixes it.
         """
-        if bool(torch.isfinite(factor).all()):
-            return
+        if bool(torch.isfinite(factor.sum())) or bool(torch.isfinite(factor).all()):
+            return  # (a finite sum: every element finite; else count exactly)
         found = "NaN/Inf from finite inputs (an overflow)"
         if self.ranks.world > 1:
             found = "NaN/Inf: an overflow, or NaN/Inf inputs on another rank"
@@ -970,204 +959,3 @@ class _Accumulator:
 
 def _checked(probe: torch.Tensor | None = None) -> None:
     """A chunk's NaN/Inf check when it has been counted already."""
-
-
-def run_merge(
-    inputs: list[Path | str],
-    out: str,
-    *,
-    eigh: bool = False,
-    force: bool = False,
-    reporter: Reporter | None = None,
-) -> dict:
-    """Combine factor files from disjoint data into the file one run over all would give.
-
-    ``A`` (and ``G`` of a ``mean`` loss) are averages over samples: combined weighted by
-    each file's ``N``; ``G`` of a ``sum`` loss is a plain sum; counts add up. EKFAC files
-    made in one eigenbasis (``eigenbasis``) share their factors, copied once, and add up
-    their corrections like ``G`` (weighted by each file's corrections samples for a
-    ``mean`` loss).
-
-    Raises:
-        KfacError: For files of different models, approximations or conventions, or files
-            that share data (:func:`_check_disjoint`).
-    """
-    job = Job("merge", out, force=force, reporter=reporter)
-    sources = _open_all(inputs, "factors")
-    try:
-        _one_stream(sources)
-        metas = [factors_meta(src) for src in sources]
-        _check_mergeable(sources, metas)
-        try:
-            dtype = resolve_dtype(metas[0]["dtype"])
-        except KfacError as e:
-            raise e.with_context(sources[0].path) from None
-        ekfac = metas[0]["ekfac"]
-        ends = None if ekfac else (".A", ".G")
-        factor_keys = [k for k in sources[0].infos if ends is None or k.endswith(ends)]
-        sizes = {k: sources[0].infos[k].shape for k in factor_keys}
-        for src in sources:
-            missing = [k for k in factor_keys if k not in src.infos]
-            if missing:
-                raise KfacError(src.path, missing[0], "every factor of the first file", "none")
-        plans = []
-        for key in factor_keys:
-            plans.append(Plan(key, dtype, sizes[key]))
-            if eigh and not ekfac:
-                plans.append(Plan(f"{key}.eigenvalues", dtype, sizes[key][:1]))
-                plans.append(Plan(f"{key}.eigenvectors", dtype, sizes[key]))
-        fields = _merged_fields(metas, eigh)
-        produce = (_ekfac_merger if ekfac else _merger)(sources, metas, sizes, eigh)
-        written = job.write(
-            plans, factors_header(job, fields), produce, lambda: _finish(sources, Ranks())
-        )
-    finally:
-        for src in sources:
-            src.close()
-    return job.summary(plans, written, items="factors", num_data=fields["num_data"])
-
-
-def _check_mergeable(sources: list[Tensors], metas: list[dict]) -> None:
-    """Files of one model, approximation, conventions and dtype, of disjoint data.
-
-    Raises:
-        KfacError: Naming the first file and key that differ.
-    """
-    first = metas[0]
-    same = ("approx", *CONVENTIONS, "separate_bias", "dtype", "layout_version", "ekfac")
-    if first["ekfac"]:  # corrections of one eigenbasis, from the same factors
-        same += ("eigenbasis", "num_data")
-    for src, meta in zip(sources[1:], metas[1:]):
-        for key in same:
-            if meta[key] != first[key]:
-                raise KfacError(
-                    src.path, key, f"{first[key]} as in {sources[0].path}", str(meta[key])
-                )
-        if set(meta["layers"]) != set(first["layers"]):
-            odd = sorted(set(meta["layers"]) ^ set(first["layers"]))[0]
-            raise KfacError(src.path, odd, f"the layers of {sources[0].path}", "others")
-        for name, layer in meta["layers"].items():
-            mine = {k: v for k, v in layer.items() if k not in COUNTS}
-            theirs = {k: v for k, v in first["layers"][name].items() if k not in COUNTS}
-            if mine != theirs:
-                odd = next(
-                    k for k in sorted(set(mine) | set(theirs)) if mine.get(k) != theirs.get(k)
-                )
-                raise KfacError(
-                    src.path,
-                    f"{name}.{odd}",
-                    f"{theirs.get(odd)} as in {sources[0].path}",
-                    str(mine.get(odd)),
-                )
-    _check_disjoint(sources, metas)
-
-
-def _merged_fields(metas: list[dict], eigh: bool) -> dict:
-    """The merged file's metadata fields: counts added, lists concatenated."""
-    first = metas[0]
-    if first["ekfac"]:
-        return dict(
-            approx=first["approx"],
-            conventions={k: first[k] for k in CONVENTIONS},
-            separate_bias=first["separate_bias"],
-            num_data=first["num_data"],
-            dtype=first["dtype"],
-            eigh=True,
-            ekfac=True,
-            eigenbasis=first["eigenbasis"],
-            corrections_num_data=sum(m["corrections_num_data"] for m in metas),
-            model=first["model"],
-            activations=[a for m in metas for a in m["activations"]],
-            grads=[g for m in metas for g in m["grads"]],
-            layers=first["layers"],
-        )
-    layers = {}
-    for name, layer in first["layers"].items():
-        merged = dict(layer)
-        for count in ("rows", "gradient_rows"):
-            merged[count] = sum(m["layers"][name][count] for m in metas)
-        merged["input_shapes"] = [s for m in metas for s in m["layers"][name]["input_shapes"]]
-        layers[name] = merged
-    return dict(
-        approx=first["approx"],
-        conventions={k: first[k] for k in CONVENTIONS},
-        separate_bias=first["separate_bias"],
-        num_data=sum(m["num_data"] for m in metas),
-        dtype=first["dtype"],
-        eigh=eigh,
-        model=first["model"],
-        activations=[a for m in metas for a in m["activations"]],
-        grads=[g for m in metas for g in m["grads"]],
-        layers=layers,
-    )
-
-
-def _merger(sources: list[Tensors], metas: list[dict], sizes: dict, eigh: bool):
-    """``produce`` for :meth:`Job.write`: each factor summed over the files in float64,
-    weighted by ``N`` where it is an average (``A``; ``G`` of a mean loss)."""
-    n = sum(m["num_data"] for m in metas)
-    first = metas[0]
-    weighted = first["fisher_type"] == "forward-only" or first["loss_reduction"] == "mean"
-    done: dict[str, torch.Tensor] = {}
-
-    def produce(plan: Plan, put) -> None:
-        if plan.key not in done:
-            base = plan.key.removesuffix(".eigenvalues").removesuffix(".eigenvectors")
-            total = torch.zeros(sizes[base], dtype=torch.float64)
-            for src, meta in zip(sources, metas):
-                value = src.read(base).double()
-                average = base.endswith(".A") or weighted
-                total += value * (meta["num_data"] / n if average else 1.0)
-            done[base] = mirror_(total)
-            if eigh:
-                vals, vecs = factor_eigh(done[base], None, base)
-                done[f"{base}.eigenvalues"], done[f"{base}.eigenvectors"] = vals, vecs
-        put(plan.key, done.pop(plan.key).to(plan.dtype))
-
-    return produce
-
-
-def _ekfac_merger(sources: list[Tensors], metas: list[dict], sizes: dict, eigh: bool):
-    """``produce`` for :meth:`Job.write` merging EKFAC files of one eigenbasis: factors and
-    eigendecompositions copied from the first file (the same bytes in every file), the
-    corrections summed in float64, weighted by corrections samples for a ``mean`` loss."""
-    n = sum(m["corrections_num_data"] for m in metas)
-    weighted = metas[0]["loss_reduction"] == "mean"
-
-    def produce(plan: Plan, put) -> None:
-        if not plan.key.endswith(".corrections"):
-            first = sources[0].read(plan.key)
-            for src in sources[1:]:
-                if not torch.equal(src.read(plan.key), first):
-                    raise KfacError(
-                        src.path, plan.key, f"the same factor as {sources[0].path}", "another"
-                    )
-            put(plan.key, first)
-            return
-        total = torch.zeros(sizes[plan.key], dtype=torch.float64)
-        for src, meta in zip(sources, metas):
-            weight = meta["corrections_num_data"] / n if weighted else 1.0
-            total += src.read(plan.key).double() * weight
-        put(plan.key, total.to(plan.dtype))
-
-    return produce
-
-
-def _check_disjoint(sources: list[Tensors], metas: list[dict]) -> None:
-    """No activation dump (by its fingerprint) in two of the files: the same file twice,
-    or a file merged with one of its own parts.
-
-    Raises:
-        KfacError: Naming both files and the dump's fingerprint.
-    """
-    seen: dict[str, object] = {}
-    for src, meta in zip(sources, metas):
-        for fp in set(meta["activations"]):
-            if fp in seen:
-                raise KfacError(
-                    src.path,
-                    "activations",
-                    f"factors of data disjoint from {seen[fp]}",
-                    f"activation dump {fp[:19]}... in both",
-                )
-        seen.update(dict.fromkeys(meta["activations"], src.path))

@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 
 from kfac_cli.errors import KfacError
-from kfac_cli.files.factors_file import factors_meta
+from kfac_cli.files.factors_file import factors_meta, require_complete
 from kfac_cli.files.sources import Tensors, open_tensors
 from kfac_cli.ops.eigh import factor_eigh
 from kfac_cli.ops.kronecker import block_stats, spectrum_stats, total_stats
@@ -38,6 +38,7 @@ def run_stats(factors: Path | str, *, damping: float = 0.0) -> dict:
         raise KfacError(None, "damping", "a damping >= 0", str(damping))
     with open_tensors(factors, stream_ok=False, role="factors") as src:
         meta = factors_meta(src)
+        require_complete(src, meta)
         layers, blocks_all, notes = {}, [], []
         for name, layer in meta["layers"].items():
             if meta["fisher_type"] == "forward-only":

@@ -23,6 +23,8 @@ PR #219 compare them):
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from einops import rearrange
 from torch import Tensor
@@ -91,7 +93,8 @@ def add_corrections(
             per-example gradient is ``Σ_s g_s``.
         g: ``[V, n, S, D1]`` (:func:`sample_gradients`).
         q_g: ``G``'s eigenvectors ``[D1, D1]`` (columns), in ``g``'s dtype.
-        q_a: ``A``'s eigenvectors ``[D2, D2]``, or ``None`` with ``a``.
+        q_a: ``A``'s eigenvectors ``[D2, D2]``, ``None`` for no rotation of ``a`` (or a
+            bias block).
         alpha: The scale (the loss correction ``c``).
         method: ``per_example`` or ``gramian`` (default: :func:`strategy`).
 
@@ -106,12 +109,12 @@ def add_corrections(
     d2 = a.shape[-1]
     method = method or strategy(s, d1, d2, vectors)
     if method == "gramian":
-        out += (_gramian(a @ q_a, g @ q_g) * alpha).to(out.dtype)
+        out += (_gramian(a if q_a is None else a @ q_a, g @ q_g) * alpha).to(out.dtype)
         return out
     if method != "per_example":
         raise ValueError(f"method must be per_example or gramian, not {method!r}")
-    a_first = s * d2 < vectors * d1 * d2
-    x = a @ q_a if a_first else a
+    a_first = s * d2 < vectors * d1 * d2 or q_a is None
+    x = a @ q_a if a_first and q_a is not None else a
     total = None
     for v in range(vectors):
         y = g[v] @ q_g if s < d2 else g[v]
@@ -123,6 +126,58 @@ def add_corrections(
         part = grad.square_().sum(0)
         total = part if total is None else total.add_(part)
     out += (total * alpha).to(out.dtype)
+    return out
+
+
+@dataclass(frozen=True)
+class Eigenbasis:
+    """``A``'s eigenvectors with their exact ± unit columns split off: a factor's zero rows
+    (kernel taps that read only padding) have them (:func:`kfac_cli.ops.eigh.factor_eigh`),
+    and rotating by a unit vector is a copy, so only ``live`` (``[L, C]``, rows
+    ``live_rows`` and columns ``live_cols`` of ``Q_A``) is multiplied; unit column
+    ``unit_cols[k]`` is the input column ``unit_rows[k]`` up to sign."""
+
+    live: Tensor
+    live_rows: Tensor
+    live_cols: Tensor
+    unit_rows: Tensor
+    unit_cols: Tensor
+
+
+def split_eigenbasis(q: Tensor, eigenvalues: Tensor) -> Eigenbasis:
+    """:class:`Eigenbasis` of eigenvectors ``q: [D, D]`` (columns) with ``eigenvalues``
+    ``[D]``: only the columns of eigenvalue exactly 0 (a zero row's) are looked at."""
+    candidates = (eigenvalues == 0).nonzero()[:, 0]
+    nonzero = q[:, candidates] != 0
+    unit_cols = candidates[nonzero.sum(0) == 1]
+    rows = (q[:, unit_cols] != 0).to(torch.uint8).argmax(0)  # the row each one hits
+    live_cols = torch.ones(q.shape[1], dtype=torch.bool, device=q.device)
+    live_cols[unit_cols] = False
+    if bool((q[rows][:, live_cols] != 0).any()):  # (not for eigenvectors: split nothing)
+        unit_cols, rows, live_cols = unit_cols[:0], rows[:0], torch.ones_like(live_cols)
+    live_rows = torch.ones(q.shape[0], dtype=torch.bool, device=q.device)
+    live_rows[rows] = False
+    live_rows, live_cols = live_rows.nonzero()[:, 0], live_cols.nonzero()[:, 0]
+    if not unit_cols.numel():
+        return Eigenbasis(q, live_rows, live_cols, rows, unit_cols)
+    return Eigenbasis(q[live_rows][:, live_cols], live_rows, live_cols, rows, unit_cols)
+
+
+def add_weight_corrections(
+    out: Tensor, a: Tensor, g: Tensor, q_g: Tensor, basis: Eigenbasis, alpha: float = 1.0
+) -> Tensor:
+    """:func:`add_corrections` of a weight block in a split ``basis``: the live columns
+    rotated, the unit ones copied (skipped where ``a`` is zero there, as padding is)."""
+    if not basis.unit_cols.numel():
+        return add_corrections(out, a, g, q_g, basis.live, alpha)
+    part = out.new_zeros(out.shape[0], basis.live_cols.numel())
+    out[:, basis.live_cols] += add_corrections(
+        part, a[..., basis.live_rows], g, q_g, basis.live, alpha
+    )
+    copied = a[..., basis.unit_rows]
+    if bool(copied.any()):
+        part = out.new_zeros(out.shape[0], basis.unit_cols.numel())
+        out[:, basis.unit_cols] += add_corrections(part, copied, g, q_g, None, alpha)
     return out
 
 

@@ -505,6 +505,7 @@ def main() -> None:
             "factors",
             "factor-kernels",
             "ranks",
+            "ekfac",
         ],
         action="append",
     )
@@ -535,7 +536,16 @@ def main() -> None:
     report: dict = {"preset": args.preset, "threads": args.threads, "device": args.device}
     only = set(
         args.only
-        or ["processes", "factors", "factor-kernels", "ranks", "kernels", "canonicalize", "startup"]
+        or [
+            "processes",
+            "factors",
+            "factor-kernels",
+            "ranks",
+            "ekfac",
+            "kernels",
+            "canonicalize",
+            "startup",
+        ]
     )
     spec = folder / "spec.json"
     spec.write_bytes(
@@ -560,6 +570,10 @@ def main() -> None:
         factors.bench_factor_kernels(folder, args, report, fmt_stats)
     if "ranks" in only:
         factors.bench_ranks(folder, args, env, report, timed, _fresh, fmt_stats)
+    if "ekfac" in only:
+        from tests.benchmarks.ekfac import bench_ekfac
+
+        bench_ekfac(folder, args, env, report, timed, _fresh, fmt_stats)
     if "kernels" in only:
         bench_kernels(folder, args, report)
     if "canonicalize" in only:
