@@ -24,7 +24,14 @@ import typer
 from rich.console import Console
 
 from kfac_cli import __version__
-from kfac_cli.enums import ComputeDtype, FisherType, KFACType, Layout, LossReduction
+from kfac_cli.enums import (
+    ComputeDtype,
+    FisherType,
+    KFACType,
+    Layout,
+    LossReduction,
+    Untreated,
+)
 from kfac_cli.errors import KfacError, OutputClosed, escape
 
 FORMATS_DOC = "docs/formats.md"
@@ -57,6 +64,8 @@ FIXES = {
     "dtype_float32": "pass --dtype float32",
     "dtype_float64": "pass --dtype float64",
     "eigenbasis": "pass --eigenbasis FACTORS (made with --eigh) to read it once",
+    "exact_damping": "pass --exact-damping",
+    "damping": "pass --damping λ > 0",
 }
 # How each command is called, for an input given in the wrong place ("model_first").
 USAGE = {
@@ -66,6 +75,7 @@ USAGE = {
     "factors": "kfac-cli factors MODEL ACTS... --grads GRADS...",
     "merge": "kfac-cli merge FACTORS...",
     "stats": "kfac-cli stats FACTORS",
+    "apply": "kfac-cli apply FACTORS TENSORS",
 }
 OPTION_KEYS = {"device": "--device", "dtype": "--dtype"}
 
@@ -952,6 +962,140 @@ def _info_text(summary: dict) -> str:
             lines.append(f"    {t['name']}  {dtype}  {t['shape']}{size}")
     lines.append(f"total: {summary['tensor_count']} tensor(s), {summary['tensor_bytes']} bytes")
     return "".join(escape(line).rstrip() + "\n" for line in lines)
+
+
+@app.command(epilog=EPILOG)
+def apply(
+    factors: Annotated[str, typer.Argument(show_default=False, metavar="FACTORS")],
+    tensors: Annotated[str, typer.Argument(show_default=False, metavar="TENSORS")],
+    output: Out,
+    inverse: Annotated[
+        bool, typer.Option("--inverse", help="Apply the damped inverse (the power -1).")
+    ] = False,
+    power: Annotated[
+        float | None,
+        typer.Option(
+            "--power",
+            help="Apply this real power (-1 the inverse, -0.5 whitening, 0.5), through the "
+            "eigendecompositions.",
+            show_default=False,
+        ),
+    ] = None,
+    damping: Annotated[
+        str,
+        typer.Option(
+            "--damping",
+            help="λ added to each factor (Tikhonov), or λ_A,λ_G; with --exact-damping to the "
+            "curvature.",
+            metavar="λ[,λ_G]",
+        ),
+    ] = "0",
+    heuristic_damping: Annotated[
+        bool,
+        typer.Option(
+            "--heuristic-damping",
+            help="Split λ between the factors by Martens & Grosse's π: λ_A = max(π√λ, "
+            "--min-damping), λ_G = max(√λ/π, --min-damping).",
+        ),
+    ] = False,
+    min_damping: Annotated[
+        float, typer.Option("--min-damping", help="The heuristic's floor.", min=0.0)
+    ] = 1e-8,
+    exact_damping: Annotated[
+        bool,
+        typer.Option(
+            "--exact-damping",
+            help="(G ⊗ A + λI)^p in the Kronecker eigenbasis (EKFAC: the only damping).",
+        ),
+    ] = False,
+    untreated: Annotated[
+        Untreated,
+        typer.Option(
+            help="Tensors the factors do not cover: keep, zero, drop or error.",
+            **choice(Untreated),
+        ),
+    ] = Untreated.KEEP,
+    columns: Annotated[
+        bool,
+        typer.Option("--columns", help="Tensors carry a trailing column axis: [*param_shape, C]."),
+    ] = False,
+    batch_first: Annotated[
+        bool,
+        typer.Option(
+            "--batch-first",
+            help="Tensors carry a leading axis of vectors, e.g. per-example gradients: "
+            "[N, *param_shape].",
+        ),
+    ] = False,
+    dtype: Annotated[
+        ComputeDtype | None,
+        typer.Option(
+            "--dtype",
+            help="Compute dtype (default: float64 for float64 tensors, else float32; each "
+            "tensor is written in its own dtype).",
+            show_default=False,
+            **choice(ComputeDtype, (ComputeDtype.FLOAT32, ComputeDtype.FLOAT64)),
+        ),
+    ] = None,
+    device: Device = "cpu",
+    layer: LayerGlobs = None,
+    force: Force = False,
+    quiet: Quiet = False,
+    as_json: JsonOut = False,
+    debug: Debug = False,
+) -> None:
+    """Apply the curvature of FACTORS, its damped inverse or a power to TENSORS.
+
+    TENSORS holds parameter-space tensors keyed by parameter name (a gradient, a
+    parameter update; with --batch-first many vectors, e.g. per-example gradients) or is a
+    canonical file. OUT has exactly its keys, shapes, dtypes and order, each block the
+    factors cover replaced by (F + damping)^p applied to it: per canonical block in matrix
+    layout M, G @ M @ A (EKFAC: Q_G (E ⊙ (Q_Gᵀ M Q_A)) Q_Aᵀ), or with --inverse or --power
+    its damped inverse or power, computed once per layer in float64 from the
+    eigendecompositions (the file's, else computed). Damping follows curvlinops'
+    KFACInverseLinearOperator: --damping λ on each factor (or λ_A,λ_G), --heuristic-damping,
+    or --exact-damping. Tensors of other parameters are kept (--untreated). The layer table
+    comes from FACTORS: no model needed. Streamed in chunks of the vectors.
+
+    \b
+    Examples:
+        $ kfac-cli apply factors.safetensors grad.safetensors --inverse --damping 1e-3 \\
+              -o step.safetensors
+        $ kfac-cli apply ekfac.safetensors per-example.safetensors --batch-first \\
+              --power -1 --exact-damping --damping 1e-4 -o preconditioned.safetensors
+        $ kfac-cli apply factors.safetensors samples.safetensors --batch-first --power -0.5 \\
+              --exact-damping --damping 1.0 -o - | kfac-cli info -
+    """
+    _check_stdout(output, as_json)
+    if inverse and power is not None and power != -1:
+        raise typer.BadParameter("--inverse is --power -1", param_hint="--power")
+    try:
+        values = tuple(float(v) for v in damping.split(","))
+    except ValueError:
+        raise typer.BadParameter(f"{damping!r} is no number", param_hint="--damping") from None
+    if len(values) > 2:
+        raise typer.BadParameter("one value, or two: λ_A,λ_G", param_hint="--damping")
+
+    def make(reporter):
+        from kfac_cli.jobs.apply import ApplyOptions, run_apply
+
+        options = ApplyOptions(
+            power=-1.0 if inverse else (1.0 if power is None else power),
+            damping=values[0] if len(values) == 1 else values,
+            heuristic_damping=heuristic_damping,
+            min_damping=min_damping,
+            exact_damping=exact_damping,
+            untreated=untreated,
+            batch_first=batch_first,
+            columns=columns,
+            patterns=tuple(layer or ()),
+            dtype=dtype,
+            device=device,
+            force=force,
+        )
+        return run_apply(factors, tensors, output, options=options, reporter=reporter)
+
+    _run_job("apply", debug, quiet, as_json, make)
 
 
 @app.command(epilog=EPILOG)

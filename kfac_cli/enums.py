@@ -78,3 +78,12 @@ class ComputeDtype(_Named):
     FLOAT64 = "float64"
     FLOAT16 = "float16"
     BFLOAT16 = "bfloat16"
+
+
+class Untreated(_Named):
+    """What ``apply`` does with tensors of parameters the factors do not cover."""
+
+    KEEP = "keep"
+    ZERO = "zero"
+    DROP = "drop"
+    ERROR = "error"

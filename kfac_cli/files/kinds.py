@@ -172,6 +172,8 @@ ROLES = {
     "tensors": "parameter-space tensors keyed by parameter name",
     "canonical": f"a canonical file ({CANONICAL})",
     "factors": f"a factors file ({FACTORS})",
+    "vectors": f"parameter-space tensors keyed by parameter name, or a canonical file "
+    f"({CANONICAL})",
 }
 _MODEL_FORMATS = (None, PARAMETERS)
 _ACCEPTS = {
@@ -180,6 +182,7 @@ _ACCEPTS = {
     "tensors": (None, PARAMETERS),
     "canonical": (CANONICAL,),
     "factors": (FACTORS,),
+    "vectors": (None, PARAMETERS, CANONICAL),
 }
 
 
@@ -193,7 +196,7 @@ def _fix(role: str, kind: Kind) -> str | None:
         return "grads"
     if role == "tensors" and kind.format == CANONICAL:
         return "inverse"
-    if role in ("activations", "tensors", "canonical") and kind.format == FACTORS:
+    if role in ("activations", "tensors", "canonical", "vectors") and kind.format == FACTORS:
         return "merge"
     return None
 
@@ -216,9 +219,14 @@ def require(path: object, kind: Kind, role: str) -> None:
     elif kind.kind == "safetensors":
         ok = kind.format in _ACCEPTS[role]
     elif kind.kind == "index":
-        ok = role in ("activations", "grads", "tensors")
+        ok = role in ("activations", "grads", "tensors", "vectors")
     else:
-        ok = kind.kind in ("torch-zip", "pickle") and role in ("activations", "grads", "tensors")
+        ok = kind.kind in ("torch-zip", "pickle") and role in (
+            "activations",
+            "grads",
+            "tensors",
+            "vectors",
+        )
     if not ok:
         raise KfacError(path, None, ROLES[role], str(kind), fix=_fix(role, kind))
 

@@ -12,6 +12,7 @@ eigenvalues ``E`` (curvlinops' ``EKFACLinearOperator`` alike).
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
@@ -62,3 +63,136 @@ def _logdet(eigenvalues: Tensor) -> float:
 
 def _condition(hi: float, lo: float, damping: float) -> float:
     return math.inf if lo + damping <= 0 else (hi + damping) / (lo + damping)
+
+
+@dataclass(frozen=True)
+class Damping:
+    """curvlinops 3.0.1's ``KFACInverseLinearOperator`` damping.
+
+    Attributes:
+        value: ``λ`` for both factors, or ``(λ_A, λ_G)``.
+        heuristic: Martens & Grosse's π: ``λ_A = max(π √λ, min_damping)``,
+            ``λ_G = max(√λ / π, min_damping)``, ``π = sqrt((tr A / dim A) / (tr G / dim G))``.
+        min_damping: The heuristic's floor.
+        exact: ``λ`` added to the block's eigenvalues (``(G ⊗ A + λI)^p``), not the factors.
+    """
+
+    value: float | tuple[float, float] = 0.0
+    heuristic: bool = False
+    min_damping: float = 1e-8
+    exact: bool = False
+
+    def factors(self, vals_a: Tensor | None, vals_g: Tensor) -> tuple[float, float]:
+        """``(λ_A, λ_G)`` for a layer's factors' eigenvalues (``vals_a`` ``None``: a bias
+        block, no heuristic, as curvlinops)."""
+        if self.heuristic and vals_a is not None:
+            mean_a, mean_g = float(vals_a.double().mean()), float(vals_g.double().mean())
+            if mean_a >= 0 and mean_g > 0:
+                pi = math.sqrt(mean_a / mean_g)
+                root = math.sqrt(float(self.value))  # type: ignore[arg-type]
+                return max(pi * root, self.min_damping), max(root / pi, self.min_damping)
+        if isinstance(self.value, tuple):
+            return self.value
+        return float(self.value), float(self.value)
+
+
+@dataclass
+class BlockOperator:
+    """A block's matrix function acting on its canonical matrices ``M: [..., C_out, D]``:
+    ``left @ M @ right`` (Kronecker form) or ``Q_G (middle ⊙ (Q_Gᵀ M Q_A)) Q_Aᵀ``
+    (eigenbasis form; ``q_a`` ``None``: ``D = 1``, a bias block)."""
+
+    left: Tensor | None = None
+    right: Tensor | None = None
+    q_g: Tensor | None = None
+    middle: Tensor | None = None
+    q_a: Tensor | None = None
+
+    def to(self, dtype: torch.dtype, device=None) -> BlockOperator:
+        def cast(t):
+            return None if t is None else t.to(device=device, dtype=dtype).contiguous()
+
+        return BlockOperator(*(cast(t) for t in (self.left, self.right, self.q_g, self.middle,
+                                                 self.q_a)))  # fmt: skip
+
+    def __call__(self, m: Tensor) -> Tensor:
+        if self.q_g is None:
+            out = self.left @ m
+            return out if self.right is None else out @ self.right
+        t = self.q_g.T @ m
+        if self.q_a is not None:
+            t = t @ self.q_a
+        t = t * self.middle
+        out = self.q_g @ t
+        return out if self.q_a is None else out @ self.q_a.T
+
+
+def _matrix_power(vals: Tensor, vecs: Tensor, damping: float, power: float) -> Tensor:
+    """``(F + damping·I)^power`` of ``F = vecs diag(vals) vecsᵀ``."""
+    return (vecs * (vals + damping).pow(power)) @ vecs.T
+
+
+def kfac_operator(
+    g: tuple[Tensor, Tensor] | None,
+    a: tuple[Tensor, Tensor] | None,
+    power: float,
+    damping: Damping,
+    corrections: Tensor | None = None,
+    bias: bool = False,
+    rtol: float = 0.0,
+) -> BlockOperator:
+    """The float64 operator of ``(G ⊗ A + damping)^power`` for one canonical block.
+
+    Args:
+        g: ``G``'s ``(eigenvalues, eigenvectors)``, or ``None`` for ``G = I``
+            (forward-only; ``C_out`` then comes from ``corrections`` or ``a``'s caller).
+        a: ``A``'s: the block's right factor, or (``bias``) only what the heuristic
+            damping reads.
+        power: ``1`` (the curvature), ``-1`` (its inverse) or any real power.
+        damping: How to damp (:class:`Damping`); Kronecker-form (Tikhonov, heuristic)
+            damping keeps ``(G + λ_G)^p ⊗ (A + λ_A)^p``, exact damping the eigenvalues.
+        corrections: EKFAC's eigenvalues ``[C_out, D]`` (or ``[C_out]``), replacing the
+            products of the factors' eigenvalues (exact damping only).
+        bias: The bias block of a separate-bias layer: ``G`` alone (damped with the
+            layer's ``λ_G``, as curvlinops damps it).
+        rtol: Eigenvalues within ``rtol`` of the largest count as 0.
+
+    Raises:
+        SingularBlock: Where the power does not exist (a singular block, undamped).
+    """
+    vals_g, q_g = g
+    vals_g, q_g = vals_g.double(), q_g.double()
+    vals_a, q_a = (None, None) if a is None else (a[0].double(), a[1].double())
+    lam_a, lam_g = damping.factors(vals_a, vals_g)
+    if bias:
+        vals_a = q_a = None
+    if corrections is not None or damping.exact:
+        if corrections is not None:
+            eig = corrections.double().reshape(len(vals_g), -1)
+        else:
+            eig = torch.outer(vals_g, vals_a if vals_a is not None else vals_g.new_ones(1))
+        lam = float(damping.value)  # type: ignore[arg-type]
+        _check_power(eig + lam, power, rtol)
+        return BlockOperator(q_g=q_g, middle=(eig + lam).pow(power), q_a=q_a)
+    _check_power(vals_g + lam_g, power, rtol)
+    left = _matrix_power(vals_g, q_g, lam_g, power)
+    if vals_a is None:
+        return BlockOperator(left=left)
+    _check_power(vals_a + lam_a, power, rtol)
+    return BlockOperator(left=left, right=_matrix_power(vals_a, q_a, lam_a, power))
+
+
+class SingularBlock(ValueError):
+    """A negative or fractional power of a matrix with eigenvalues <= 0 (numerically)."""
+
+
+def _check_power(eigenvalues: Tensor, power: float, rtol: float) -> None:
+    """Raise :class:`SingularBlock` where ``power`` of these (damped) eigenvalues does not
+    exist: a negative power of one within ``rtol·max|λ|`` of 0 (rounding makes a zero
+    eigenvalue ±tiny), or a fractional power of a negative one."""
+    if power == int(power) and power >= 0:
+        return
+    floor = rtol * float(eigenvalues.abs().max()) if eigenvalues.numel() else 0.0
+    low = float(eigenvalues.min()) if eigenvalues.numel() else 1.0
+    if (power < 0 and low <= floor) or low < -floor:
+        raise SingularBlock(f"smallest eigenvalue {low:.3g} after damping")
