@@ -31,8 +31,7 @@ from kfac_cli.jobs.devices import resolve_dtype
 from kfac_cli.jobs.pipeline import Prefetcher, Read
 from kfac_cli.jobs.skeleton import CPU, Job, Plan, Reporter, as_enums, chunks, options_of
 from kfac_cli.models.table import matches
-from kfac_cli.ops.eigh import factor_eigh
-from kfac_cli.ops.kronecker import BlockOperator, Damping, SingularBlock, kfac_operator
+from kfac_cli.ops.kronecker import BlockOperator, Damping, Factor, SingularBlock, kfac_operator
 
 
 @dataclass(frozen=True)
@@ -337,7 +336,7 @@ class _LayerCache:
 
     name: str | None = None
     ops: dict[str, BlockOperator] = field(default_factory=dict)
-    eigh: dict[str, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
+    factors: dict[str, Factor] = field(default_factory=dict)
 
 
 class _Applier:
@@ -436,15 +435,19 @@ class _Applier:
         self.done.add(target.key)
         op = self._operator(target)
         for a, b in self._chunks(target):
-            parts = []
+            parts, bufs = [], []
             for key, width in target.members:
                 x, buf = prefetch.next(key, (a * target.c_out, b * target.c_out))
                 cols = self._columns(key)
-                x = self.stage.to_device(x, self.job.cast).view(b - a, target.c_out, width, cols)
-                parts.append(x.clone() if x.data_ptr() == buf.data_ptr() else x)
-                prefetch.release(buf)
+                parts.append(
+                    self.stage.to_device(x, self.job.cast).view(b - a, target.c_out, width, cols)
+                )
+                bufs.append(buf)
             m = torch.cat(parts, dim=2) if len(parts) > 1 else parts[0]
             y = op(m.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)  # [n, C_out, D, C]
+            del m, parts
+            for buf in bufs:  # the product is in memory of its own
+                prefetch.release(buf)
             col = 0
             for key, width in target.members:
                 info = self.src.infos[key]
@@ -470,11 +473,10 @@ class _Applier:
         name, meta = target.layer, self.meta
         ekfac = meta["ekfac"]
         if meta["fisher_type"] == "forward-only":
-            eye = torch.eye(target.c_out, dtype=torch.float64)
-            g = (torch.ones(target.c_out, dtype=torch.float64), eye)
+            g = Factor.identity(target.c_out)
         else:
-            g = self._eigh(f"{name}.G")
-        a = self._eigh(f"{name}.A")
+            g = self._factor(f"{name}.G")
+        a = self._factor(f"{name}.A")
         corrections = self.fsrc.read(f"{target.key}.corrections") if ekfac else None
         if ekfac and (self.o.heuristic_damping or isinstance(self.o.damping, tuple) or (
             self.o.damping and not self.o.exact_damping
@@ -501,15 +503,13 @@ class _Applier:
         self.layer.ops[target.key] = op
         return op
 
-    def _eigh(self, key: str) -> tuple[torch.Tensor, torch.Tensor]:
-        """A factor's float64 eigendecomposition: stored, else computed."""
-        cache = self.layer.eigh
+    def _factor(self, key: str) -> Factor:
+        """A factor of the layer in hand (its stored eigendecomposition, if any)."""
+        cache = self.layer.factors
         if key not in cache:
+            eigh = None
             if f"{key}.eigenvectors" in self.fsrc.infos:
-                cache[key] = (
-                    self.fsrc.read(f"{key}.eigenvalues").double(),
-                    self.fsrc.read(f"{key}.eigenvectors").double(),
-                )
-            else:
-                cache[key] = factor_eigh(self.fsrc.read(key), self.fsrc.path, key)
+                eigh = tuple(self.fsrc.read(f"{key}.{p}") for p in ("eigenvalues", "eigenvectors"))
+            matrix = self.fsrc.read(key) if key in self.fsrc.infos else None
+            cache[key] = Factor(matrix, eigh)
         return cache[key]

@@ -17,6 +17,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from kfac_cli.ops.eigh import factor_eigh
+
 
 def block_stats(vals_g: Tensor, vals_a: Tensor, damping: float = 0.0) -> dict[str, float]:
     """Summaries of a block ``F = G ⊗ A`` from ``λ_G`` ``[m]`` and ``λ_A`` ``[n]``
@@ -82,15 +84,13 @@ class Damping:
     min_damping: float = 1e-8
     exact: bool = False
 
-    def factors(self, vals_a: Tensor | None, vals_g: Tensor) -> tuple[float, float]:
-        """``(λ_A, λ_G)`` for a layer's factors' eigenvalues (``vals_a`` ``None``: a bias
-        block, no heuristic, as curvlinops)."""
-        if self.heuristic and vals_a is not None:
-            mean_a, mean_g = float(vals_a.double().mean()), float(vals_g.double().mean())
-            if mean_a >= 0 and mean_g > 0:
-                pi = math.sqrt(mean_a / mean_g)
-                root = math.sqrt(float(self.value))  # type: ignore[arg-type]
-                return max(pi * root, self.min_damping), max(root / pi, self.min_damping)
+    def factors(self, mean_a: float, mean_g: float) -> tuple[float, float]:
+        """``(λ_A, λ_G)`` for a layer whose factors' mean eigenvalues (``tr / dim``) are
+        these."""
+        if self.heuristic and mean_a >= 0 and mean_g > 0:
+            pi = math.sqrt(mean_a / mean_g)
+            root = math.sqrt(float(self.value))  # type: ignore[arg-type]
+            return max(pi * root, self.min_damping), max(root / pi, self.min_damping)
         if isinstance(self.value, tuple):
             return self.value
         return float(self.value), float(self.value)
@@ -127,14 +127,55 @@ class BlockOperator:
         return out if self.q_a is None else out @ self.q_a.T
 
 
-def _matrix_power(vals: Tensor, vecs: Tensor, damping: float, power: float) -> Tensor:
-    """``(F + damping·I)^power`` of ``F = vecs diag(vals) vecsᵀ``."""
-    return (vecs * (vals + damping).pow(power)) @ vecs.T
+class Factor:
+    """A Kronecker factor ``[n, n]``: its matrix (if known) and its float64
+    eigendecomposition, computed once when first needed (or given)."""
+
+    def __init__(self, matrix: Tensor | None = None, eigh: tuple[Tensor, Tensor] | None = None):
+        self.matrix = None if matrix is None else matrix.double()
+        self._eigh = None if eigh is None else (eigh[0].double(), eigh[1].double())
+
+    @classmethod
+    def identity(cls, n: int) -> Factor:
+        eye = torch.eye(n, dtype=torch.float64)
+        return cls(eye, (torch.ones(n, dtype=torch.float64), eye))
+
+    def eigh(self) -> tuple[Tensor, Tensor]:
+        if self._eigh is None:
+            self._eigh = factor_eigh(self.matrix)
+        return self._eigh
+
+    def mean(self) -> float:
+        """``tr F / n`` (the heuristic damping's)."""
+        if self.matrix is not None:
+            return float(self.matrix.diagonal().mean())
+        return float(self.eigh()[0].mean())
+
+    def power(self, damping: float, power: float, rtol: float) -> Tensor:
+        """``(F + damping·I)^power``: for ±1 from the matrix (``F + λI``, or its inverse
+        from a float64 Cholesky factor where the damping alone keeps it positive
+        definite), else through the eigendecomposition.
+
+        Raises:
+            SingularBlock: Where the power does not exist.
+        """
+        if self.matrix is not None and power == 1:
+            return self.matrix + damping * torch.eye(len(self.matrix), dtype=torch.float64)
+        if self.matrix is not None and power == -1:
+            bound = rtol * float(self.matrix.diagonal().abs().sum())  # >= rtol · max |λ|
+            if damping > bound:
+                damped = self.matrix + damping * torch.eye(len(self.matrix), dtype=torch.float64)
+                chol, info = torch.linalg.cholesky_ex(damped)
+                if not int(info):
+                    return torch.cholesky_inverse(chol)
+        vals, vecs = self.eigh()
+        _check_power(vals + damping, power, rtol)
+        return (vecs * (vals + damping).pow(power)) @ vecs.T
 
 
 def kfac_operator(
-    g: tuple[Tensor, Tensor] | None,
-    a: tuple[Tensor, Tensor] | None,
+    g: Factor,
+    a: Factor,
     power: float,
     damping: Damping,
     corrections: Tensor | None = None,
@@ -144,10 +185,9 @@ def kfac_operator(
     """The float64 operator of ``(G ⊗ A + damping)^power`` for one canonical block.
 
     Args:
-        g: ``G``'s ``(eigenvalues, eigenvectors)``, or ``None`` for ``G = I``
-            (forward-only; ``C_out`` then comes from ``corrections`` or ``a``'s caller).
-        a: ``A``'s: the block's right factor, or (``bias``) only what the heuristic
-            damping reads.
+        g: ``G`` (:meth:`Factor.identity` for forward-only factors).
+        a: ``A``: the block's right factor, or (``bias``) only what the heuristic damping
+            reads.
         power: ``1`` (the curvature), ``-1`` (its inverse) or any real power.
         damping: How to damp (:class:`Damping`); Kronecker-form (Tikhonov, heuristic)
             damping keeps ``(G + λ_G)^p ⊗ (A + λ_A)^p``, exact damping the eigenvalues.
@@ -160,13 +200,9 @@ def kfac_operator(
     Raises:
         SingularBlock: Where the power does not exist (a singular block, undamped).
     """
-    vals_g, q_g = g
-    vals_g, q_g = vals_g.double(), q_g.double()
-    vals_a, q_a = (None, None) if a is None else (a[0].double(), a[1].double())
-    lam_a, lam_g = damping.factors(vals_a, vals_g)
-    if bias:
-        vals_a = q_a = None
     if corrections is not None or damping.exact:
+        vals_g, q_g = g.eigh()
+        vals_a, q_a = (None, None) if bias else a.eigh()
         if corrections is not None:
             eig = corrections.double().reshape(len(vals_g), -1)
         else:
@@ -174,12 +210,9 @@ def kfac_operator(
         lam = float(damping.value)  # type: ignore[arg-type]
         _check_power(eig + lam, power, rtol)
         return BlockOperator(q_g=q_g, middle=(eig + lam).pow(power), q_a=q_a)
-    _check_power(vals_g + lam_g, power, rtol)
-    left = _matrix_power(vals_g, q_g, lam_g, power)
-    if vals_a is None:
-        return BlockOperator(left=left)
-    _check_power(vals_a + lam_a, power, rtol)
-    return BlockOperator(left=left, right=_matrix_power(vals_a, q_a, lam_a, power))
+    lam_a, lam_g = damping.factors(a.mean(), g.mean())
+    left = g.power(lam_g, power, rtol)
+    return BlockOperator(left=left, right=None if bias else a.power(lam_a, power, rtol))
 
 
 class SingularBlock(ValueError):

@@ -506,6 +506,7 @@ def main() -> None:
             "factor-kernels",
             "ranks",
             "ekfac",
+            "apply",
         ],
         action="append",
     )
@@ -542,6 +543,7 @@ def main() -> None:
             "factor-kernels",
             "ranks",
             "ekfac",
+            "apply",
             "kernels",
             "canonicalize",
             "startup",
@@ -574,6 +576,10 @@ def main() -> None:
         from tests.benchmarks.ekfac import bench_ekfac
 
         bench_ekfac(folder, args, env, report, timed, _fresh, fmt_stats)
+    if "apply" in only:
+        from tests.benchmarks.apply import bench_apply
+
+        bench_apply(folder, args, env, report, timed, _fresh, fmt_stats)
     if "kernels" in only:
         bench_kernels(folder, args, report)
     if "canonicalize" in only:
