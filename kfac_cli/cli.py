@@ -1114,7 +1114,8 @@ def stats(
     the dimension, trace and Frobenius norm of the curvature F, log det(F + δI) with exact
     damping (-inf for a singular F without damping), the largest and smallest eigenvalue
     of F and the condition number of F + δI. These are curvlinops' KFACLinearOperator
-    trace, frobenius_norm and logdet, and what a Laplace marginal likelihood and a choice
+    trace, frobenius_norm and logdet (an EKFAC file: its corrections are the eigenvalues,
+    as EKFACLinearOperator has them), and what a Laplace marginal likelihood and a choice
     of damping need. Eigenvalues come from the file (--eigh) or are computed in float64.
 
     \b

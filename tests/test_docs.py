@@ -14,7 +14,7 @@ from kfac_cli.cli import app
 from tests.conftest import ROOT
 
 README = (ROOT / "README.md").read_text()
-COMMANDS = ["layers", "patches", "canonicalize", "factors", "merge", "info", "stats"]
+COMMANDS = ["layers", "patches", "canonicalize", "factors", "merge", "info", "stats", "apply"]
 
 
 def help_text(command: str) -> str:
@@ -80,6 +80,7 @@ def test_readme_python_blocks_run(index, tmp_path):
         "kfac_step.py",
         "plot_factor.py",
         "ekfac_shards.py",
+        "curvature_workflows.py",
     ],
 )
 def test_example_runs_and_checks_itself(script, tmp_path):

@@ -26,7 +26,8 @@ factors_file, grads_file, out_file, damping = sys.argv[1:]
 torch.manual_seed(0)
 model = resnet20()
 x, y = torch.randn(2, 3, 32, 32), torch.randint(0, 10, (2,))
-treated = [(n, m) for n, m in model.named_modules() if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear))]
+kinds = (torch.nn.Conv2d, torch.nn.Linear)
+treated = [(n, m) for n, m in model.named_modules() if isinstance(m, kinds)]
 params = [p for _, m in treated for p in m.parameters()]
 op = curvlinops.KFACLinearOperator(model, torch.nn.CrossEntropyLoss(), params, [(x, y)],
     check_deterministic=False, separate_weight_and_bias=False, num_data=1)
@@ -50,9 +51,9 @@ buf = memoryview(bytearray(8 << 20))
 for _ in read_tensors(grads_file, buf):  # every input byte, once
     pass
 for c_out, d, n in json.loads(blocks):  # the two products per block, at apply's shapes
-    g, a, m = torch.full((c_out, c_out), 0.5), torch.full((d, d), 0.5), torch.full((n * c_out, d), 0.5)
-    left = torch.mm(m, a)
-    right = torch.mm(g, left.view(n, c_out, d).transpose(0, 1).reshape(c_out, -1))
+    g, a = torch.full((c_out, c_out), 0.5), torch.full((d, d), 0.5)
+    m, t = torch.full((n * c_out, d), 0.5), torch.full((c_out, n * d), 0.5)
+    right, left = torch.mm(m, a), torch.mm(g, t)
 with open(grads_file, "rb") as src, open(out_file, "wb") as out:
     while chunk := src.read(8 << 20):  # every output byte, once
         out.write(chunk)
