@@ -1040,6 +1040,12 @@ def apply(
     device: Device = "cpu",
     layer: LayerGlobs = None,
     force: Force = False,
+    timeout: Annotated[
+        float,
+        typer.Option(
+            help="Under torchrun: seconds to wait for a rank that stopped responding.", min=1
+        ),
+    ] = 300.0,
     quiet: Quiet = False,
     as_json: JsonOut = False,
     debug: Debug = False,
@@ -1055,7 +1061,8 @@ def apply(
     eigendecompositions (the file's, else computed). Damping follows curvlinops'
     KFACInverseLinearOperator: --damping λ on each factor (or λ_A,λ_G), --heuristic-damping,
     or --exact-damping. Tensors of other parameters are kept (--untreated). The layer table
-    comes from FACTORS: no model needed. Streamed in chunks of the vectors.
+    comes from FACTORS: no model needed. Streamed in chunks of the vectors; under torchrun
+    the ranks share the chunks and rank 0 writes.
 
     \b
     Examples:
@@ -1066,7 +1073,11 @@ def apply(
         $ kfac-cli apply factors.safetensors samples.safetensors --batch-first --power -0.5 \\
               --exact-damping --damping 1.0 -o - | kfac-cli info -
     """
+    from kfac_cli.jobs.distributed import rank_of_env
+
     _check_stdout(output, as_json)
+    if rank_of_env() != 0:
+        quiet, as_json = True, False
     if inverse and power is not None and power != -1:
         raise typer.BadParameter("--inverse is --power -1", param_hint="--power")
     try:
@@ -1092,6 +1103,7 @@ def apply(
             dtype=dtype,
             device=device,
             force=force,
+            timeout=timeout,
         )
         return run_apply(factors, tensors, output, options=options, reporter=reporter)
 

@@ -3,6 +3,7 @@ failures that fail every rank, promptly, with one line and no output."""
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import struct
@@ -224,3 +225,35 @@ def test_a_bad_shard_in_the_corrections_pass_fails_every_rank(shards, tmp_path):
         "basis.safetensors",
         "nan.safetensors",
     ]
+
+
+@pytest.mark.parametrize("vectors", [pytest.param(1000, marks=pytest.mark.smoke), 1])
+def test_apply_on_ranks_equals_one_process(shards, tmp_path, vectors):
+    """The ranks share the chunks of vectors; rank 0 receives and writes them."""
+    pt2, acts, grads = shards
+    factors = tmp_path / "f.safetensors"
+    assert invoke("factors", pt2, *acts[:2], "--grads", *grads[:2], "-o", factors).returncode == 0
+    with safe_open(factors, "pt") as f:
+        layers = json.loads(f.metadata()["layers"])
+    gen = torch.Generator().manual_seed(0)
+    tensors = {}
+    for layer in layers.values():
+        tensors[layer["weight"]] = torch.randn(vectors, *layer["weight_shape"], generator=gen)
+        if layer["bias"]:
+            tensors[layer["bias"]] = torch.randn(vectors, layer["C_out"], generator=gen)
+    tensors["other.scale"] = torch.randn(vectors, 3, generator=gen)
+    src = tmp_path / "v.safetensors"
+    save_file(tensors, src)
+    args = ["apply", factors, src, "--batch-first", "--inverse", "--damping", "0.1"]
+    single = tmp_path / "single.safetensors"
+    assert invoke(*args, "-o", single).returncode == 0
+    out = tmp_path / "ranks.safetensors"
+    proc = torchrun(*args, "-o", out, "--json")  # 1000 vectors: chunks for both ranks
+    assert proc.returncode == 0, proc.stderr.decode()[-2000:]
+    assert _our_lines(proc.stderr) == []
+    summaries = [line for line in proc.stdout.decode().splitlines() if line.startswith("{")]
+    assert len(summaries) == 1 and '"ranks": 2' in summaries[0]
+    assert _header(out) == _header(single)
+    a, b = load_file(single), load_file(out)  # (threads change a GEMM's rounding)
+    for key, value in a.items():
+        torch.testing.assert_close(b[key], value, rtol=1e-5, atol=1e-6 * value.abs().max())

@@ -27,7 +27,8 @@ from kfac_cli.errors import KfacError
 from kfac_cli.files.factors_file import factors_meta, require_complete
 from kfac_cli.files.kinds import CANONICAL, PARAMETERS
 from kfac_cli.files.sources import Tensors, open_tensors
-from kfac_cli.jobs.devices import resolve_dtype
+from kfac_cli.jobs.devices import resolve_device, resolve_dtype
+from kfac_cli.jobs.distributed import RankFailed, Ranks, ranks_from_env
 from kfac_cli.jobs.pipeline import Prefetcher, Read
 from kfac_cli.jobs.skeleton import CPU, Job, Plan, Reporter, as_enums, chunks, options_of
 from kfac_cli.models.table import matches
@@ -54,6 +55,7 @@ class ApplyOptions:
             float32, written back in each tensor's own dtype).
         device: Compute device.
         force: Replace an existing output.
+        timeout: Seconds to wait for a torchrun rank that stopped responding.
 
     Raises:
         KfacError: For a combination curvlinops' damping rules do not define.
@@ -71,6 +73,7 @@ class ApplyOptions:
     dtype: ComputeDtype | None = None
     device: str = "cpu"
     force: bool = False
+    timeout: float = 300.0
 
     def __post_init__(self) -> None:
         as_enums(self, untreated=Untreated, dtype=ComputeDtype)
@@ -129,8 +132,24 @@ def run_apply(
             that match no block, a singular factor without damping.
     """
     o = options_of(ApplyOptions, options, settings)
+    ranks = ranks_from_env(resolve_device(o.device), o.timeout)
+    try:
+        return _run(ranks, factors, tensors, out, o, reporter)
+    except BaseException as e:
+        if not isinstance(e, RankFailed) and not ranks.fail(e):
+            raise RankFailed("another rank failed first") from None
+        raise
+    finally:
+        ranks.close()
+
+
+def _run(ranks: Ranks, factors, tensors, out, o: ApplyOptions, reporter) -> dict:
     dtype = o.dtype.value if o.dtype else None
-    job = Job("apply", out, force=o.force, device=o.device, dtype=dtype, reporter=reporter)
+    device = o.device
+    if ranks.world > 1 and resolve_device(device).type == "cuda":  # one GPU per rank
+        device = f"cuda:{ranks.local_rank}"
+    job = Job("apply", out, force=o.force, device=device, dtype=dtype, reporter=reporter,
+              writer=ranks.writer)  # fmt: skip
     with (
         open_tensors(factors, stream_ok=False, role="factors") as fsrc,
         _spooled(tensors) as path,
@@ -162,16 +181,28 @@ def run_apply(
         metadata.update(job.header(metadata["format"], applied=applied))
         if canonical:  # still a canonical file of the same blocks
             metadata["layout_version"] = src.metadata["layout_version"]
-        work = _Applier(job, src, fsrc, meta, targets, untreated, lead, o)
+        work = _Applier(job, src, fsrc, meta, targets, untreated, lead, o, ranks)
         written = job.stream(
-            plans, metadata, work.reads(plans), work.produce, lambda: _finish(src, fsrc), ahead=2
+            plans,
+            metadata,
+            work.reads(plans),
+            work.produce,
+            lambda: _finish(ranks, src, fsrc),
+            ahead=2,
+            write=ranks.writer,
         )
-    return job.summary(plans, written, untreated=untreated, blocks=len(targets))
+        if ranks.writer:
+            ranks.publish()
+        else:
+            ranks.await_writer()
+    extra = {"ranks": ranks.world} if ranks.world > 1 else {}
+    return job.summary(plans, written, untreated=untreated, blocks=len(targets), **extra)
 
 
-def _finish(*sources: Tensors) -> None:
+def _finish(ranks: Ranks, *sources: Tensors) -> None:
     for src in sources:
         src.finish()
+    ranks.agree()
 
 
 class _spooled:
@@ -342,8 +373,11 @@ class _LayerCache:
 class _Applier:
     """Reads, multiplies and hands over every output tensor, in the plans' order."""
 
-    def __init__(self, job: Job, src, fsrc, meta, targets, untreated, lead: bool, o) -> None:
+    def __init__(
+        self, job: Job, src, fsrc, meta, targets, untreated, lead: bool, o, ranks: Ranks
+    ) -> None:
         self.job, self.src, self.fsrc, self.meta, self.o = job, src, fsrc, meta, o
+        self.ranks = ranks
         self.lead = lead
         self.target_of = {k: t for t in targets for k, _ in t.members}
         self.untreated = set(untreated)
@@ -360,6 +394,8 @@ class _Applier:
         ``zero`` an untreated tensor."""
         computed = set()
         for plan in plans:
+            if plan.key in self.untreated and not self.ranks.writer:
+                continue  # the writer reads and writes those alone
             if plan.key in self.untreated:
                 yield plan, "zero" if self.o.untreated is Untreated.ZERO else "keep"
                 continue
@@ -403,7 +439,9 @@ class _Applier:
                     yield self._read(plan.key, self._row_len(plan.key), a, b)
             elif step == "compute":
                 target = self.target_of[plan.key]
-                for a, b in self._chunks(target):
+                for i, (a, b) in enumerate(self._chunks(target)):
+                    if i % self.ranks.world != self.ranks.rank:
+                        continue  # another rank's chunk
                     for key, _ in target.members:
                         rows = target.c_out
                         yield self._read(key, self._row_len(key), a * rows, b * rows)
@@ -416,6 +454,8 @@ class _Applier:
     # ------------------------------------------------------------------ compute
 
     def produce(self, plan: Plan, put, prefetch: Prefetcher) -> None:
+        if plan.key in self.untreated and not self.ranks.writer:
+            return
         if plan.key in self.untreated:
             info = self.src.infos[plan.key]
             n = info.shape[0] if self.lead and info.shape else 1
@@ -429,12 +469,21 @@ class _Applier:
             return
         target = self.target_of[plan.key]
         if target.key in self.done:
-            for part in self.stash.pop(plan.key):
-                put(plan.key, part)
+            if self.ranks.writer:
+                for part in self.stash.pop(plan.key):
+                    put(plan.key, part)
             return
         self.done.add(target.key)
         op = self._operator(target)
-        for a, b in self._chunks(target):
+        for i, (a, b) in enumerate(self._chunks(target)):
+            self.ranks.check()
+            owner = i % self.ranks.world
+            if owner != self.ranks.rank:
+                if self.ranks.writer:  # computed by another rank
+                    shape = (b - a, target.c_out, target.d, self._columns(target.members[0][0]))
+                    y = torch.empty(shape, dtype=self.job.cast, device=self.stage.device)
+                    self._hand_over(plan, put, target, a, b, self.ranks.recv_(y, owner))
+                continue
             parts, bufs = [], []
             for key, width in target.members:
                 x, buf = prefetch.next(key, (a * target.c_out, b * target.c_out))
@@ -448,16 +497,24 @@ class _Applier:
             del m, parts
             for buf in bufs:  # the product is in memory of its own
                 prefetch.release(buf)
-            col = 0
-            for key, width in target.members:
-                info = self.src.infos[key]
-                shape = (b - a, *info.shape[1:]) if self.lead else tuple(info.shape)
-                part = y[:, :, col : col + width].to(CPU, info.dtype).reshape(shape)
-                col += width
-                if key == plan.key:
-                    put(key, part.contiguous())
-                else:
-                    self.stash.add(key, part)
+            if self.ranks.writer:
+                self._hand_over(plan, put, target, a, b, y)
+            else:
+                self.ranks.send_(y.contiguous(), 0)
+
+    def _hand_over(self, plan: Plan, put, target: Target, a: int, b: int, y) -> None:
+        """A chunk's product ``[n, C_out, D, C]`` to the writer (the plan's tensor) or the
+        stash (the block's other tensors), each in its own shape and dtype."""
+        col = 0
+        for key, width in target.members:
+            info = self.src.infos[key]
+            shape = (b - a, *info.shape[1:]) if self.lead else tuple(info.shape)
+            part = y[:, :, col : col + width].to(CPU, info.dtype).reshape(shape)
+            col += width
+            if key == plan.key:
+                put(key, part.contiguous())
+            else:
+                self.stash.add(key, part)
 
     def _operator(self, target: Target) -> BlockOperator:
         """The block's operator (per layer, built once: both blocks of a separate-bias layer

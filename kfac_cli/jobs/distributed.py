@@ -75,6 +75,14 @@ class Ranks:
         """The writer's ``tensor`` on every rank, in place (the same bytes everywhere)."""
         return tensor
 
+    def send_(self, tensor: torch.Tensor, dst: int) -> None:
+        """Send ``tensor`` to rank ``dst`` (which receives it with :meth:`recv_`)."""
+        raise RuntimeError("one process has no other rank")
+
+    def recv_(self, tensor: torch.Tensor, src: int) -> torch.Tensor:
+        """Fill ``tensor`` with what rank ``src`` sends."""
+        raise RuntimeError("one process has no other rank")
+
     def check(self) -> None:
         """Raise :class:`RankFailed` if another rank has failed."""
 
@@ -247,6 +255,20 @@ class TorchrunRanks(Ranks):
         self._sums += 1
         self._wait_all(f"sum{self._sums}")
         self._ask(self.dist.broadcast, tensor, src=0)
+        self.waited += time.perf_counter() - start
+        return tensor
+
+    def send_(self, tensor: torch.Tensor, dst: int) -> None:
+        # Blocking: gloo completes a transfer only in wait(). A peer that fails closes
+        # its connection (an error here, quiet: it set "failed" first); one that hangs
+        # is bounded by the process group's timeout.
+        start = time.perf_counter()
+        self._ask(self.dist.send, tensor, dst)
+        self.waited += time.perf_counter() - start
+
+    def recv_(self, tensor: torch.Tensor, src: int) -> torch.Tensor:
+        start = time.perf_counter()
+        self._ask(self.dist.recv, tensor, src)
         self.waited += time.perf_counter() - start
         return tensor
 
