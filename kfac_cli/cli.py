@@ -76,6 +76,7 @@ USAGE = {
     "merge": "kfac-cli merge FACTORS...",
     "stats": "kfac-cli stats FACTORS",
     "apply": "kfac-cli apply FACTORS TENSORS",
+    "export": "kfac-cli export FACTORS --to kronfluence DIR",
 }
 OPTION_KEYS = {"device": "--device", "dtype": "--dtype"}
 
@@ -1108,6 +1109,50 @@ def apply(
         return run_apply(factors, tensors, output, options=options, reporter=reporter)
 
     _run_job("apply", debug, quiet, as_json, make)
+
+
+@app.command(epilog=EPILOG)
+def export(
+    factors: Annotated[str, typer.Argument(show_default=False, metavar="FACTORS")],
+    folder: Annotated[str, typer.Argument(show_default=False, metavar="DIR")],
+    to: Annotated[
+        str,
+        typer.Option(
+            "--to",
+            help="The tool whose files to write: kronfluence (1.0.1).",
+            metavar="kronfluence",
+        ),
+    ] = "kronfluence",
+    force: Force = False,
+    as_json: JsonOut = False,
+    debug: Debug = False,
+) -> None:
+    """Write FACTORS as another tool's own files: a kronfluence factors folder.
+
+    DIR becomes kronfluence's factors folder (e.g. OUTPUT/ANALYSIS/factors_NAME, so that
+    factors_name=NAME finds it): its covariances with their counts, eigendecompositions,
+    for an EKFAC file the Lambda matrices, and factor_arguments.json; its
+    compute_pairwise_scores and compute_self_scores then run on it unchanged. What
+    kronfluence cannot represent (Conv1d/3d, padding modes, unequal padding, KFAC-reduce,
+    separate bias blocks, type-2 Fisher) is refused with one line. Needs the interop extra
+    (pip install 'kfac-cli[interop]'). laplace-torch takes a Python object:
+    kfac_cli.interop.to_kron_laplace.
+
+    \b
+    Examples:
+        $ kfac-cli export ekfac.safetensors --to kronfluence influence_results/run/factors_ekfac
+    """
+    if to != "kronfluence":
+        raise typer.BadParameter(f"{to!r} is not one of 'kronfluence'", param_hint="--to")
+
+    def job():
+        from kfac_cli.interop import export_kronfluence
+
+        summary = export_kronfluence(factors, folder, force=force)
+        if as_json:
+            _emit_json(summary)
+
+    _run(debug, job, "export")
 
 
 @app.command(epilog=EPILOG)
