@@ -14,7 +14,17 @@ from kfac_cli.cli import app
 from tests.conftest import ROOT
 
 README = (ROOT / "README.md").read_text()
-COMMANDS = ["layers", "patches", "canonicalize", "factors", "merge", "info", "stats", "apply"]
+COMMANDS = [
+    "layers",
+    "patches",
+    "canonicalize",
+    "factors",
+    "merge",
+    "info",
+    "stats",
+    "apply",
+    "export",
+]
 
 
 def help_text(command: str) -> str:
@@ -81,6 +91,7 @@ def test_readme_python_blocks_run(index, tmp_path):
         "plot_factor.py",
         "ekfac_shards.py",
         "curvature_workflows.py",
+        "interop.py",
     ],
 )
 def test_example_runs_and_checks_itself(script, tmp_path):
