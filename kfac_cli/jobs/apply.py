@@ -181,7 +181,7 @@ def _run(ranks: Ranks, factors, tensors, out, o: ApplyOptions, reporter) -> dict
         metadata.update(job.header(metadata["format"], applied=applied))
         if canonical:  # still a canonical file of the same blocks
             metadata["layout_version"] = src.metadata["layout_version"]
-        work = _Applier(job, src, fsrc, meta, targets, untreated, lead, o, ranks)
+        work = _Applier(job, src, fsrc, meta, (targets, untreated, lead), o, ranks)
         written = job.stream(
             plans,
             metadata,
@@ -373,9 +373,8 @@ class _LayerCache:
 class _Applier:
     """Reads, multiplies and hands over every output tensor, in the plans' order."""
 
-    def __init__(
-        self, job: Job, src, fsrc, meta, targets, untreated, lead: bool, o, ranks: Ranks
-    ) -> None:
+    def __init__(self, job: Job, src, fsrc, meta, work: tuple, o, ranks: Ranks) -> None:
+        targets, untreated, lead = work
         self.job, self.src, self.fsrc, self.meta, self.o = job, src, fsrc, meta, o
         self.ranks = ranks
         self.lead = lead

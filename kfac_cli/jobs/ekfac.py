@@ -179,7 +179,7 @@ class Corrections:
             acc.ranks.check()
             reads = self._row_reads(f, keys, s0, s1, groups)
             n = s1 - s0
-            a = torch.cat([self._inputs(*next(reads), conv, joint, n, check) for _ in keys], dim=1)
+            a = torch.cat([self._inputs(next(reads), conv, joint, n, check) for _ in keys], dim=1)
             alpha = loss_correction(
                 conventions.loss_reduction,
                 acc.batches[f],
@@ -191,7 +191,7 @@ class Corrections:
                 g = torch.cat(
                     [
                         torch.cat(
-                            [self._gradients(*next(reads), conv, n, check) for _ in keys], dim=2
+                            [self._gradients(next(reads), conv, n, check) for _ in keys], dim=2
                         )
                         for _ in group
                     ]
@@ -210,19 +210,21 @@ class Corrections:
             acc.ranks.sum_(total)
         return sums
 
-    def _inputs(self, src, key, rows, shape, _, conv, joint: bool, n: int, check: bool):
-        """One key's activations of a chunk as ``[n, S_key, D]`` rows."""
-        x = self._take(src, key, rows, shape, check)
-        return sample_inputs(x, conv, joint, shape[0] // n)
+    def _inputs(self, read: tuple, conv, joint: bool, n: int, check: bool):
+        """One key's activations of a chunk (``read``: from :meth:`_row_reads`) as
+        ``[n, S_key, D]`` rows."""
+        x = self._take(read, check)
+        return sample_inputs(x, conv, joint, read[3][0] // n)
 
-    def _gradients(self, src, key, rows, shape, _, conv, n: int, check: bool):
+    def _gradients(self, read: tuple, conv, n: int, check: bool):
         """One key's gradients of one vector as ``[1, n, S_key, C_out]``."""
-        g = self._take(src, key, rows, shape, check)
-        return sample_gradients(g, conv is not None, shape[1] // n)
+        g = self._take(read, check)
+        return sample_gradients(g, conv is not None, read[3][1] // n)
 
-    def _take(self, src, key: str, rows, shape, check: bool) -> torch.Tensor:
-        """The next read (rows ``rows`` of ``key``) on the device in the accumulation
-        dtype, as a tensor of its own (its buffer back to the reader)."""
+    def _take(self, read: tuple, check: bool) -> torch.Tensor:
+        """The next read (``(source, key, rows, shape, row length)``) on the device in the
+        accumulation dtype, as a tensor of its own (its buffer back to the reader)."""
+        src, key, rows, shape, _ = read
         acc = self.acc
         x_host, buf = acc.prefetch.next(f"{src.path}:{key}", rows)
         x_host = x_host.view(shape)

@@ -378,7 +378,7 @@ def _run(ranks: Ranks, model, activations, out, grads, opts: FactorsOptions, rep
             fields["eigenbasis"] = basis.identity()
             fields["corrections_only"], fields["eigh"] = True, False
         plans = _plans(works, job.cast, agreed.fisher_type is FisherType.FORWARD_ONLY, opts, fields)
-        accumulate = _Accumulator(job, inputs, works, batches, agreed, opts, ranks, basis, fields)
+        accumulate = _Accumulator(job, inputs, (works, batches), agreed, opts, ranks, basis, fields)
         written = _stream(job, inputs, plans, fields, accumulate, ranks)
     finally:
         inputs.close()
@@ -693,14 +693,14 @@ class _Accumulator:
         self,
         job: Job,
         inputs: Inputs,
-        works,
-        batches,
+        plan: tuple[list[Work], list[int]],
         agreed: Conventions,
         opts,
         ranks,
         basis: Eigenbasis | None = None,
         fields: dict | None = None,
     ) -> None:
+        works, batches = plan
         self.job, self.acts, self.grads = job, inputs.acts, inputs.grads
         self.batches, self.n, self.units = batches, sum(batches), ranks.share(batches)
         self.works = {w.layer.name: w for w in works}
