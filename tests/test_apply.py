@@ -8,7 +8,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from tests.conftest import invoke
+from tests.conftest import invoke, run_cli
 from tests.test_ekfac import _reference as _ekfac_reference
 from tests.test_factors import _ours, _reference, _setup, _treated
 
@@ -180,3 +180,21 @@ def test_untreated_tensors_and_errors(tmp_path):
     proc = invoke("apply", path, src, "-o", tmp_path / "x", "--power", "0.5", "--damping", "1")
     assert proc.returncode == 1 and "--exact-damping" in proc.stderr.decode()
     assert not (tmp_path / "x").exists()
+
+
+def test_layers_stdout_and_another_models_tensors(tmp_path):
+    model, loss, data = _setup("cnn", "ce", "mean")
+    _, _, path = _ours(model, loss, data, tmp_path, "empirical", "expand", False)
+    vectors = {n: v[..., 0].contiguous() for n, v in _vectors(model, 1).items()}
+    src = tmp_path / "v.safetensors"
+    save_file(vectors, src)
+    proc = run_cli("apply", path, src, "-o", "-", "--layer", "4", "--damping", "0.1", "--inverse")
+    assert proc.returncode == 0, proc.stderr.decode()
+    from safetensors.torch import load
+
+    got = load(proc.stdout)
+    for name, value in vectors.items():  # layer 4 applied, the others kept
+        assert torch.equal(got[name], value) == (not name.startswith("4."))
+    save_file({"encoder.weight": torch.zeros(3, 3)}, src)
+    proc = invoke("apply", path, src, "-o", tmp_path / "x")
+    assert proc.returncode == 1 and "none of its 3 layers" in proc.stderr.decode()

@@ -160,6 +160,14 @@ def _run(ranks: Ranks, factors, tensors, out, o: ApplyOptions, reporter) -> dict
         canonical = src.metadata.get("format") == CANONICAL
         lead, trail = _axes(src, canonical, o)
         targets, untreated = _targets(src, meta, canonical, lead, trail, o)
+        if not targets:  # another model's tensors, or layers not selected
+            raise KfacError(
+                src.path,
+                None,
+                f"tensors of the layers of {Path(str(factors)).name}"
+                + (" matching the patterns" if o.patterns else ""),
+                f"none of its {len(meta['layers'])} layers",
+            )
         if untreated and o.untreated is Untreated.ERROR:
             raise KfacError(src.path, untreated[0], "a tensor the factors cover", "untreated")
         if job.cast is None:
