@@ -762,8 +762,9 @@ def factors(
         typer.Option(
             "--eigenbasis",
             help="Only the corrections' pass, in the eigenbasis of this factors file (made "
-            "with --eigh or --ekfac; same model and conventions), its factors copied: for "
-            "shards (merge the outputs) and streams (implies --ekfac).",
+            "with --eigh or --ekfac; same model and conventions); OUT holds the corrections "
+            "alone, which merge --eigenbasis completes: for shards and streams (implies "
+            "--ekfac).",
             show_default=False,
             metavar="FACTORS",
         ),

@@ -92,7 +92,8 @@ class FactorsOptions:
         ekfac: Also write EKFAC's eigenvalue corrections (a second pass over the dumps, in
             the eigenbasis of the factors; implies ``eigh``).
         eigenbasis: A factors file with eigendecompositions: only the second pass, in its
-            eigenbasis, its factors copied to the output (implies ``ekfac``).
+            eigenbasis; the output holds the corrections alone (``merge`` with the same
+            eigenbasis completes them; implies ``ekfac``).
         dtype: Accumulation and output dtype, ``float32`` or ``float64`` (default: float64
             if the selected layers' dumps are, else float32: float16 and bfloat16 dumps
             accumulate in float32).
