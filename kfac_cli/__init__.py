@@ -9,7 +9,9 @@ do not import torch):
 - :func:`load_layer_table` (a model checkpoint's layer table),
 - the commands as library functions: :func:`run_patches`, :func:`run_canonicalize`,
   :func:`run_uncanonicalize`, :func:`run_factors`, :func:`run_merge`, :func:`run_info`,
-  :func:`run_stats`,
+  :func:`run_stats`, :func:`run_apply`,
+- :mod:`kfac_cli.interop`: :func:`~kfac_cli.interop.export_kronfluence`,
+  :func:`~kfac_cli.interop.to_kron_laplace` (kronfluence and laplace-torch, optional),
 - :func:`record` (activation and output-gradient dumps from a model and its data),
 - :func:`identify` (what a file is, from its first bytes and header).
 """
@@ -40,6 +42,7 @@ _API = {
     "run_merge": "kfac_cli.jobs.merge",
     "run_info": "kfac_cli.jobs.info",
     "run_stats": "kfac_cli.jobs.stats",
+    "run_apply": "kfac_cli.jobs.apply",
     "record": "kfac_cli.record",
     "identify": "kfac_cli.files.kinds",
 }
@@ -65,6 +68,7 @@ __all__ = [  # noqa: RUF022 (grouped as above, not sorted)
     "run_merge",
     "run_info",
     "run_stats",
+    "run_apply",
     "record",
     "identify",
 ]
