@@ -50,10 +50,17 @@ factors_file, grads_file, out_file, blocks = sys.argv[1:]
 buf = memoryview(bytearray(8 << 20))
 for _ in read_tensors(grads_file, buf):  # every input byte, once
     pass
-for c_out, d, n in json.loads(blocks):  # the two products per block, at apply's shapes
+for c_out, d, n in json.loads(blocks):  # the two products per block, at apply's shapes:
+    k = max(1, (8 << 20) // (16 * c_out * d))  # its chunks of vectors, in reused buffers
     g, a = torch.full((c_out, c_out), 0.5), torch.full((d, d), 0.5)
-    m, t = torch.full((n * c_out, d), 0.5), torch.full((c_out, n * d), 0.5)
-    right, left = torch.mm(m, a), torch.mm(g, t)
+    m, t = torch.full((k * c_out, d), 0.5), torch.full((c_out, k * d), 0.5)
+    right, left = torch.empty_like(m), torch.empty_like(t)
+    for start in range(0, n, k):
+        rows = min(k, n - start)
+        if rows == k:
+            torch.mm(m, a, out=right), torch.mm(g, t, out=left)
+        else:
+            torch.mm(m[: rows * c_out], a), torch.mm(g, t[:, : rows * d])
 with open(grads_file, "rb") as src, open(out_file, "wb") as out:
     while chunk := src.read(8 << 20):  # every output byte, once
         out.write(chunk)
