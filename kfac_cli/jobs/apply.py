@@ -17,7 +17,7 @@ from __future__ import annotations
 import json
 import math
 import tempfile
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -27,8 +27,8 @@ from kfac_cli.errors import KfacError
 from kfac_cli.files.factors_file import factors_meta, require_complete
 from kfac_cli.files.kinds import CANONICAL, PARAMETERS
 from kfac_cli.files.sources import Tensors, open_tensors
-from kfac_cli.jobs.devices import resolve_device, resolve_dtype
-from kfac_cli.jobs.distributed import RankFailed, Ranks, ranks_from_env
+from kfac_cli.jobs.devices import resolve_dtype
+from kfac_cli.jobs.distributed import Ranks, on_ranks
 from kfac_cli.jobs.pipeline import Prefetcher, Read
 from kfac_cli.jobs.skeleton import CPU, Job, Plan, Reporter, as_enums, chunks, options_of
 from kfac_cli.models.table import matches
@@ -132,22 +132,16 @@ def run_apply(
             that match no block, a singular factor without damping.
     """
     o = options_of(ApplyOptions, options, settings)
-    ranks = ranks_from_env(resolve_device(o.device), o.timeout)
-    try:
-        return _run(ranks, factors, tensors, out, o, reporter)
-    except BaseException as e:
-        if not isinstance(e, RankFailed) and not ranks.fail(e):
-            raise RankFailed("another rank failed first") from None
-        raise
-    finally:
-        ranks.close()
+
+    def run(ranks: Ranks, device: str) -> dict:
+        return _run(ranks, factors, tensors, out, replace(o, device=device), reporter)
+
+    return on_ranks(o.device, o.timeout, run)
 
 
 def _run(ranks: Ranks, factors, tensors, out, o: ApplyOptions, reporter) -> dict:
     dtype = o.dtype.value if o.dtype else None
     device = o.device
-    if ranks.world > 1 and resolve_device(device).type == "cuda":  # one GPU per rank
-        device = f"cuda:{ranks.local_rank}"
     job = Job("apply", out, force=o.force, device=device, dtype=dtype, reporter=reporter,
               writer=ranks.writer)  # fmt: skip
     with (

@@ -23,11 +23,16 @@ import contextlib
 import os
 import threading
 import time
+from collections.abc import Callable
 from datetime import timedelta
+from typing import TypeVar
 
 import torch
 
 from kfac_cli.errors import KfacError
+from kfac_cli.jobs.devices import resolve_device
+
+T = TypeVar("T")
 
 ENV = ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
 POLL_SECONDS = 0.005
@@ -116,6 +121,23 @@ def is_distributed() -> bool:
 def rank_of_env() -> int:
     """This process's rank (0 without torchrun), from the environment alone."""
     return int(os.environ.get("RANK", 0)) if is_distributed() else 0
+
+
+def on_ranks(device: str, timeout: float, run: Callable[[Ranks, str], T]) -> T:
+    """``run(ranks, device)`` as this process's rank: ``device`` made ``cuda:LOCAL_RANK``
+    for CUDA under torchrun (one GPU per rank), a failure told to the other ranks (the
+    first to fail prints it; the others stop quietly), the group closed on every path."""
+    ranks = ranks_from_env(resolve_device(device), timeout)
+    if ranks.world > 1 and device in ("cuda", "auto") and resolve_device(device).type == "cuda":
+        device = f"cuda:{ranks.local_rank}"
+    try:
+        return run(ranks, device)
+    except BaseException as e:
+        if not isinstance(e, RankFailed) and not ranks.fail(e):
+            raise RankFailed("another rank failed first") from None
+        raise
+    finally:
+        ranks.close()
 
 
 def ranks_from_env(device: torch.device, timeout: float) -> Ranks:

@@ -21,8 +21,8 @@ from kfac_cli.files.digest import PENDING
 from kfac_cli.files.factors_file import eigenbasis_id
 from kfac_cli.files.kinds import FACTORS, GRADIENTS
 from kfac_cli.files.sources import Tensors, fingerprint, open_tensors
-from kfac_cli.jobs.devices import resolve_device, resolve_dtype
-from kfac_cli.jobs.distributed import RankFailed, Ranks, ranks_from_env
+from kfac_cli.jobs.devices import resolve_dtype
+from kfac_cli.jobs.distributed import Ranks, on_ranks
 from kfac_cli.jobs.ekfac import Corrections, Eigenbasis, block_keys
 from kfac_cli.jobs.pipeline import BufferPool, Prefetcher, Read, view
 from kfac_cli.jobs.skeleton import (
@@ -305,18 +305,12 @@ def run_factors(
         KfacError: For bad inputs (nothing is written).
     """
     opts = options_of(FactorsOptions, options, settings)
-    ranks = ranks_from_env(resolve_device(opts.device), opts.timeout)
-    on_gpus = opts.device in ("cuda", "auto") and resolve_device(opts.device).type == "cuda"
-    if ranks.world > 1 and on_gpus:  # one GPU per rank
-        opts = replace(opts, device=f"cuda:{ranks.local_rank}")
-    try:
-        return _run(ranks, model, activations, out, grads or [], opts, reporter)
-    except BaseException as e:
-        if not isinstance(e, RankFailed) and not ranks.fail(e):
-            raise RankFailed("another rank failed first") from None
-        raise
-    finally:
-        ranks.close()
+
+    def run(ranks: Ranks, device: str) -> dict:
+        o = replace(opts, device=device)
+        return _run(ranks, model, activations, out, grads or [], o, reporter)
+
+    return on_ranks(opts.device, opts.timeout, run)
 
 
 def _open_all(paths: list[Path | str], role: str) -> list[Tensors]:
