@@ -92,6 +92,7 @@ def _wait_for(condition, proc: subprocess.Popen, what: str, seconds: float = 120
             raise AssertionError(f"the run ended before {what}: {proc.stderr.read()!r}")
         if time.monotonic() > deadline:
             proc.kill()
+            proc.wait()  # reaped here, not reported by a later test's garbage collection
             raise AssertionError(f"timed out waiting for {what}")
         time.sleep(0.01)
 
@@ -131,7 +132,9 @@ def interrupt_mid_write(args: list[str], dump: bytes, fifo: Path, outdir: Path, 
     threading.Thread(target=feed, daemon=True).start()
     _wait_for(lambda: fed.is_set() and any(outdir.iterdir()), proc, "it wrote its output")
     proc.send_signal(signum)
-    _wait_for(lambda: not any(outdir.iterdir()), proc, "it removed its output", seconds=60)
+    # (bounded above the writer's own abort bound, ABORT_SECONDS: a loaded machine may
+    # make the run wait that long for its writer; a run that never cleans up still fails)
+    _wait_for(lambda: not any(outdir.iterdir()), proc, "it removed its output", seconds=180)
     os.close(fd)
     _, stderr = proc.communicate(timeout=120)
     return proc, stderr
