@@ -1204,7 +1204,9 @@ def _stats_text(summary: dict) -> str:
         cells = (c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths)))
         return "  ".join(cells).rstrip()
 
-    title = f"{escape(summary['file'])}: N = {summary['num_data']}, damping {summary['damping']:g}"
+    kind = "EKFAC, " if summary.get("ekfac") else ""
+    damping = f"damping {summary['damping']:g}"
+    title = f"{escape(summary['file'])}: {kind}N = {summary['num_data']}, {damping}"
     lines = [title, "", fmt(heads), *map(fmt, rows), *summary["notes"]]
     return "".join(f"{line}\n" for line in lines)
 
