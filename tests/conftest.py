@@ -91,10 +91,28 @@ def _wait_for(condition, proc: subprocess.Popen, what: str, seconds: float = 120
         if proc.poll() is not None:
             raise AssertionError(f"the run ended before {what}: {proc.stderr.read()!r}")
         if time.monotonic() > deadline:
+            state = _signal_state(proc.pid)
             proc.kill()
             proc.wait()  # reaped here, not reported by a later test's garbage collection
-            raise AssertionError(f"timed out waiting for {what}")
+            err = proc.stderr.read() if proc.stderr else b""
+            for stream in (proc.stdout, proc.stderr):
+                if stream:
+                    stream.close()
+            raise AssertionError(f"timed out waiting for {what} ({state}; stderr {err[-300:]!r})")
         time.sleep(0.01)
+
+
+def _signal_state(pid: int) -> str:
+    """A stuck run's signal masks and each thread's wait channel (Linux), for the report."""
+    try:
+        status = Path(f"/proc/{pid}/status").read_text().splitlines()
+        masks = [line for line in status if line.startswith(("SigBlk", "SigIgn", "SigPnd"))]
+        waits = [
+            (t / "wchan").read_text() for t in sorted(Path(f"/proc/{pid}/task").iterdir())
+        ]
+    except OSError:
+        return "no /proc"
+    return f"{', '.join(masks)}; threads waiting in {waits}"
 
 
 def interrupt_mid_write(args: list[str], dump: bytes, fifo: Path, outdir: Path, signum: int):
