@@ -6,6 +6,7 @@ import contextlib
 import errno
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -102,6 +103,15 @@ def _wait_for(condition, proc: subprocess.Popen, what: str, seconds: float = 120
         time.sleep(0.01)
 
 
+def _foreground_signals() -> None:
+    """In the child before exec: SIGINT and SIGTERM at their defaults, as a foreground job
+    has them. A suite started in the background (``cmd &`` in a script) ignores SIGINT,
+    its children inherit that, and Python then keeps it ignored: the run would never see
+    the test's Ctrl-C (measured: SigIgn 0x1001007 in the stuck run)."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+
 def _signal_state(pid: int) -> str:
     """A stuck run's signal masks and each thread's wait channel (Linux), for the report."""
     try:
@@ -125,7 +135,9 @@ def interrupt_mid_write(args: list[str], dump: bytes, fifo: Path, outdir: Path, 
     the finished ``Popen`` and its stderr.
     """
     os.mkfifo(fifo)
-    proc = subprocess.Popen([*kfac_cli_exe(), *args], stderr=subprocess.PIPE)
+    proc = subprocess.Popen(
+        [*kfac_cli_exe(), *args], stderr=subprocess.PIPE, preexec_fn=_foreground_signals
+    )
     fd = -1
 
     def opened() -> bool:  # the run has opened the pipe for reading
