@@ -121,6 +121,7 @@ def test_kronfluence_scores_from_exported_factors(tmp_path, kind, strategy, dtyp
 laplace = pytest.importorskip("laplace", reason="the interop extra (see README)")
 
 
+@pytest.mark.filterwarnings("ignore:By default `link_approx`:UserWarning")  # (its tuning)
 @pytest.mark.parametrize("fisher", ["empirical", "type-2"])
 @pytest.mark.parametrize("kind", ["mlp", "cnn"])
 @pytest.mark.parametrize("joint", [False, True], ids=["separate", "joint"])
@@ -157,6 +158,9 @@ def test_kron_laplace_from_factors_equals_its_own_fit(tmp_path, kind, fisher, jo
     mean_ours, var_ours = ours._glm_predictive_distribution(x_test)
     torch.testing.assert_close(mean_ours, mean_own, rtol=1e-5, atol=1e-12)
     torch.testing.assert_close(var_ours, var_own, rtol=1e-5, atol=1e-12)
+    for la in (own, ours):  # laplace-torch's own tuning runs on it unchanged
+        la.optimize_prior_precision(method="marglik", n_steps=20)
+    torch.testing.assert_close(ours.prior_precision, own.prior_precision, rtol=1e-5, atol=0)
 
 
 def test_what_the_tools_cannot_take_is_refused(tmp_path):
@@ -173,6 +177,12 @@ def test_what_the_tools_cannot_take_is_refused(tmp_path):
     assert not (tmp_path / "kf").exists()
     proc = invoke("export", factors, "--to", "kronfluence", tmp_path / "kf")
     assert proc.returncode == 1 and "conv1d" in proc.stderr.decode()
+    from kfac_cli.interop import to_kron_laplace
+
+    ekfac = tmp_path / "e.safetensors"
+    run_factors(pt2, [str(shards[0][0])], str(ekfac), grads=[str(shards[0][1])], ekfac=True)
+    with pytest.raises(KfacError, match="EKFAC"):
+        to_kron_laplace(model, ekfac, "classification", loss=1.0, n_outputs=2)
     reduce = tmp_path / "r.safetensors"
     run_factors(pt2, [str(shards[0][0])], str(reduce), grads=[str(shards[0][1])],
                 approx="reduce", patterns=("2",))  # fmt: skip
