@@ -39,8 +39,7 @@ def main(folder: Path) -> None:
         nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 6 * 6, 5)
     ).double()
     data = [
-        (torch.randn(8, 3, 6, 6, dtype=torch.float64), torch.randint(0, 5, (8,)))
-        for _ in range(4)
+        (torch.randn(8, 3, 6, 6, dtype=torch.float64), torch.randint(0, 5, (8,))) for _ in range(4)
     ]
     loss_func = nn.CrossEntropyLoss(reduction="sum")
     pt2 = folder / "model.pt2"

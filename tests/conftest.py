@@ -117,9 +117,7 @@ def _signal_state(pid: int) -> str:
     try:
         status = Path(f"/proc/{pid}/status").read_text().splitlines()
         masks = [line for line in status if line.startswith(("SigBlk", "SigIgn", "SigPnd"))]
-        waits = [
-            (t / "wchan").read_text() for t in sorted(Path(f"/proc/{pid}/task").iterdir())
-        ]
+        waits = [(t / "wchan").read_text() for t in sorted(Path(f"/proc/{pid}/task").iterdir())]
     except OSError:
         return "no /proc"
     return f"{', '.join(masks)}; threads waiting in {waits}"
