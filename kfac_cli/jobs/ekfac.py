@@ -3,8 +3,10 @@ eigenvalue corrections summed in the eigenbasis of its factors (:mod:`kfac_cli.o
 
 :class:`Corrections` plans and consumes the reads of one layer: per chunk of samples, the
 activations' rows, then the output gradients' rows of the same samples for each
-backpropagated vector. :class:`Eigenbasis` is the factors file ``--eigenbasis`` names: its
-factors and eigendecompositions, checked against the run, copied to the output as they are.
+backpropagated vector. :class:`Eigenbasis` is the factors file ``--eigenbasis`` names
+(and ``merge --eigenbasis`` completes corrections with): checked against the run, its
+eigenvectors the ones the second pass rotates with, its ``eigenbasis`` the outputs' name
+for them.
 """
 
 from __future__ import annotations
@@ -179,7 +181,7 @@ class Corrections:
             acc.ranks.check()
             reads = self._row_reads(f, keys, s0, s1, groups)
             n = s1 - s0
-            a = torch.cat([self._inputs(next(reads), conv, joint, n, check) for _ in keys], dim=1)
+            a = _joined([self._inputs(next(reads), conv, joint, n, check) for _ in keys], 1)
             alpha = loss_correction(
                 conventions.loss_reduction,
                 acc.batches[f],
@@ -188,13 +190,12 @@ class Corrections:
                 conventions.mc_samples,
             )
             for group in groups:
-                g = torch.cat(
+                g = _joined(
                     [
-                        torch.cat(
-                            [self._gradients(next(reads), conv, n, check) for _ in keys], dim=2
-                        )
+                        _joined([self._gradients(next(reads), conv, n, check) for _ in keys], 2)
                         for _ in group
-                    ]
+                    ],
+                    0,
                 )
                 for key, weight in blocks:
                     if weight:
@@ -236,3 +237,8 @@ class Corrections:
             x = x.clone()
         acc.prefetch.release(buf)
         return x
+
+
+def _joined(parts: list[torch.Tensor], dim: int) -> torch.Tensor:
+    """``torch.cat`` of several parts; a single part as it is (no copy)."""
+    return parts[0] if len(parts) == 1 else torch.cat(parts, dim=dim)
