@@ -85,3 +85,19 @@ def require_complete(src: Tensors, meta: dict) -> None:
             "FACTORS to complete them)",
             "EKFAC corrections alone",
         )
+
+
+def read_factor(src: Tensors, key: str):
+    """A factor of a factors file (``LAYER.A`` or ``LAYER.G``) as a
+    :class:`~kfac_cli.ops.kronecker.Factor`: its matrix and its stored eigendecomposition
+    (``--eigh``) read when first needed, or that computed in float64 from the matrix.
+
+    Raises:
+        KfacError: For a factor the file lacks.
+    """
+    from kfac_cli.ops.kronecker import Factor
+
+    if key not in src.infos:
+        raise KfacError(src.path, key, "the factor its layer's blocks name", "no such tensor")
+    stored = f"{key}.eigenvectors" in src.infos and f"{key}.eigenvalues" in src.infos
+    return Factor(read=lambda part: src.read(f"{key}{part}"), stored=stored, where=(src.path, key))

@@ -28,10 +28,9 @@ import torch
 from safetensors.torch import save_file
 
 from kfac_cli.errors import KfacError
-from kfac_cli.files.factors_file import factors_meta, require_complete
+from kfac_cli.files.factors_file import factors_meta, read_factor, require_complete
 from kfac_cli.files.sources import open_tensors
 from kfac_cli.ops.conv import ConvParams
-from kfac_cli.ops.eigh import factor_eigh
 
 FILES = (
     "activation_covariance",
@@ -76,20 +75,17 @@ def export_kronfluence(factors: Path | str, folder: Path | str, *, force: bool =
         if meta["ekfac"]:
             out.update({name: {} for name in LAMBDA_FILES})
         for name, layer in meta["layers"].items():
-            a, g = src.read(f"{name}.A"), src.read(f"{name}.G")
-            dtype = a.dtype
-            g_sum = g.double() * scale
+            factors = {f: read_factor(src, f"{name}.{f}") for f in ("A", "G")}
+            a, g = factors["A"].matrix, factors["G"].matrix
+            dtype = src.infos[f"{name}.A"].dtype
+            g_sum = g * scale
             rows_a, rows_g = layer["rows"], layer["gradient_rows"]
-            out["activation_covariance"][name] = (a.double() * rows_a).to(dtype)
+            out["activation_covariance"][name] = (a * rows_a).to(dtype)
             out["gradient_covariance"][name] = g_sum.to(dtype)
             out["num_activation_covariance_processed"][name] = torch.tensor([rows_a])
             out["num_gradient_covariance_processed"][name] = torch.tensor([rows_g])
-            for part, factor, matrix in (("activation", "A", a), ("gradient", "G", g)):
-                if f"{name}.{factor}.eigenvectors" in src.infos:
-                    vals = src.read(f"{name}.{factor}.eigenvalues").double()
-                    vecs = src.read(f"{name}.{factor}.eigenvectors")
-                else:
-                    vals, vecs = factor_eigh(matrix, src.path, f"{name}.{factor}")
+            for part, factor in (("activation", "A"), ("gradient", "G")):
+                vals, vecs = factors[factor].eigh()
                 if factor == "G":
                     vals = vals * scale / rows_g
                 out[f"{part}_eigenvalues"][name] = vals.to(dtype)

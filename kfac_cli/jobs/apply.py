@@ -24,7 +24,7 @@ import torch
 
 from kfac_cli.enums import ComputeDtype, Untreated
 from kfac_cli.errors import KfacError
-from kfac_cli.files.factors_file import factors_meta, require_complete
+from kfac_cli.files.factors_file import factors_meta, read_factor, require_complete
 from kfac_cli.files.kinds import CANONICAL, PARAMETERS
 from kfac_cli.files.sources import Tensors, open_tensors
 from kfac_cli.jobs.devices import resolve_dtype
@@ -562,12 +562,7 @@ class _Applier:
         return op
 
     def _factor(self, key: str) -> Factor:
-        """A factor of the layer in hand (its stored eigendecomposition, if any)."""
-        cache = self.layer.factors
-        if key not in cache:
-            eigh = None
-            if f"{key}.eigenvectors" in self.fsrc.infos:
-                eigh = tuple(self.fsrc.read(f"{key}.{p}") for p in ("eigenvalues", "eigenvectors"))
-            matrix = self.fsrc.read(key) if key in self.fsrc.infos else None
-            cache[key] = Factor(matrix, eigh)
-        return cache[key]
+        """A factor of the layer in hand (read when first needed, then kept)."""
+        if key not in self.layer.factors:
+            self.layer.factors[key] = read_factor(self.fsrc, key)
+        return self.layer.factors[key]

@@ -8,19 +8,9 @@ from pathlib import Path
 import torch
 
 from kfac_cli.errors import KfacError
-from kfac_cli.files.factors_file import factors_meta, require_complete
-from kfac_cli.files.sources import Tensors, open_tensors
-from kfac_cli.ops.eigh import factor_eigh
+from kfac_cli.files.factors_file import factors_meta, read_factor, require_complete
+from kfac_cli.files.sources import open_tensors
 from kfac_cli.ops.kronecker import block_stats, spectrum_stats, total_stats
-
-
-def _eigenvalues(src: Tensors, key: str) -> torch.Tensor:
-    """A factor's eigenvalues: stored (``--eigh``), else computed in float64."""
-    if f"{key}.eigenvalues" in src.infos:
-        return src.read(f"{key}.eigenvalues").double()
-    if key not in src.infos:
-        raise KfacError(src.path, key, "the factor its layer's blocks name", "no such tensor")
-    return factor_eigh(src.read(key), src.path, key)[0]
 
 
 def run_stats(factors: Path | str, *, damping: float = 0.0) -> dict:
@@ -44,9 +34,9 @@ def run_stats(factors: Path | str, *, damping: float = 0.0) -> dict:
             if meta["fisher_type"] == "forward-only":
                 vals_g = torch.ones(layer["C_out"], dtype=torch.float64)
             elif not meta["ekfac"]:
-                vals_g = _eigenvalues(src, f"{name}.G")
+                vals_g = read_factor(src, f"{name}.G").eigenvalues()
             if not meta["ekfac"]:
-                vals_a = _eigenvalues(src, f"{name}.A")
+                vals_a = read_factor(src, f"{name}.A").eigenvalues()
             if meta["ekfac"]:  # each block's eigenvalues are its corrections
                 blocks = [
                     spectrum_stats(src.read(f"{b['key']}.corrections"), damping)

@@ -12,6 +12,7 @@ eigenvalues ``E`` (curvlinops' ``EKFACLinearOperator`` alike).
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -128,21 +129,48 @@ class BlockOperator:
 
 
 class Factor:
-    """A Kronecker factor ``[n, n]``: its matrix (if known) and its float64
-    eigendecomposition, computed once when first needed (or given)."""
+    """A Kronecker factor ``[n, n]``: its matrix and its float64 eigendecomposition, each
+    given, read when first needed (``read(suffix)`` returns the tensor ``suffix`` names:
+    ``""``, ``".eigenvalues"``, ``".eigenvectors"``; ``stored``: the eigendecomposition
+    is there), or (the eigendecomposition) computed once from the matrix. ``where``: the
+    file and key an error names."""
 
-    def __init__(self, matrix: Tensor | None = None, eigh: tuple[Tensor, Tensor] | None = None):
-        self.matrix = None if matrix is None else matrix.double()
+    def __init__(
+        self,
+        matrix: Tensor | None = None,
+        eigh: tuple[Tensor, Tensor] | None = None,
+        *,
+        read: Callable[[str], Tensor] | None = None,
+        stored: bool = False,
+        where: tuple[object, str | None] = (None, None),
+    ) -> None:
+        self._matrix = None if matrix is None else matrix.double()
         self._eigh = None if eigh is None else (eigh[0].double(), eigh[1].double())
+        self._read, self._stored, self._where = read, stored, where
 
     @classmethod
     def identity(cls, n: int) -> Factor:
         eye = torch.eye(n, dtype=torch.float64)
         return cls(eye, (torch.ones(n, dtype=torch.float64), eye))
 
+    @property
+    def matrix(self) -> Tensor | None:
+        if self._matrix is None and self._read is not None:
+            self._matrix = self._read("").double()
+        return self._matrix
+
+    def eigenvalues(self) -> Tensor:
+        """The eigenvalues alone (stored ones without reading the eigenvectors)."""
+        if self._eigh is None and self._stored:
+            return self._read(".eigenvalues").double()  # type: ignore[misc]
+        return self.eigh()[0]
+
     def eigh(self) -> tuple[Tensor, Tensor]:
-        if self._eigh is None:
-            self._eigh = factor_eigh(self.matrix)
+        if self._eigh is None and self._stored:
+            read = self._read
+            self._eigh = (read(".eigenvalues").double(), read(".eigenvectors").double())  # type: ignore[misc]
+        elif self._eigh is None:
+            self._eigh = factor_eigh(self.matrix, *self._where)
         return self._eigh
 
     def mean(self) -> float:
