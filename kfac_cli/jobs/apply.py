@@ -183,7 +183,7 @@ def _run(ranks: Ranks, factors, tensors, out, o: ApplyOptions, reporter) -> dict
         metadata.update(job.header(metadata["format"], applied=applied))
         if canonical:  # still a canonical file of the same blocks
             metadata["layout_version"] = src.metadata["layout_version"]
-        work = _Applier(job, src, fsrc, meta, (targets, untreated, lead), o, ranks)
+        work = _Applier(job, src, fsrc, meta, (targets, untreated, lead, trail), o, ranks)
         written = job.stream(
             plans,
             metadata,
@@ -376,10 +376,10 @@ class _Applier:
     """Reads, multiplies and hands over every output tensor, in the plans' order."""
 
     def __init__(self, job: Job, src, fsrc, meta, work: tuple, o, ranks: Ranks) -> None:
-        targets, untreated, lead = work
+        targets, untreated, lead, trail = work
         self.job, self.src, self.fsrc, self.meta, self.o = job, src, fsrc, meta, o
         self.ranks = ranks
-        self.lead = lead
+        self.lead, self.trail = lead, trail
         self.target_of = {k: t for t in targets for k, _ in t.members}
         self.untreated = set(untreated)
         self.stash = _Stash(job.chunk_bytes)
@@ -415,12 +415,13 @@ class _Applier:
         return chunks(n, n * per, self.job.chunk_bytes)
 
     def _columns(self, key: str) -> int:
-        return self.src.infos[key].shape[-1] if self.o.columns or self._canonical_columns() else 1
+        return self.src.infos[key].shape[-1] if self.trail else 1
 
-    def _canonical_columns(self) -> bool:
-        return json.loads(self.src.metadata.get("columns", "false")) and (
-            self.src.metadata.get("format") == CANONICAL
-        )
+    def _untreated_chunks(self, key: str) -> list[tuple[int, int]]:
+        """Ranges of an untreated tensor's leading axis (the whole tensor without one)."""
+        info = self.src.infos[key]
+        n = info.shape[0] if self.lead and info.shape else 1
+        return chunks(n, info.nbytes, self.job.chunk_bytes)
 
     def _row_len(self, key: str) -> int:
         """Bytes-free length of one row of ``key`` as ``[N·C_out, -1]`` (untreated: as
@@ -434,9 +435,7 @@ class _Applier:
     def reads(self, plans: list[Plan]):
         for plan, step in self._steps(plans):
             if step == "keep":
-                info = self.src.infos[plan.key]
-                n = info.shape[0] if self.lead and info.shape else 1
-                for a, b in chunks(n, info.nbytes, self.job.chunk_bytes):
+                for a, b in self._untreated_chunks(plan.key):
                     yield self._read(plan.key, self._row_len(plan.key), a, b)
             elif step == "compute":
                 target = self.target_of[plan.key]
@@ -459,8 +458,7 @@ class _Applier:
             return
         if plan.key in self.untreated:
             info = self.src.infos[plan.key]
-            n = info.shape[0] if self.lead and info.shape else 1
-            for a, b in chunks(n, info.nbytes, self.job.chunk_bytes):
+            for a, b in self._untreated_chunks(plan.key):
                 shape = (b - a, *info.shape[1:]) if self.lead else tuple(info.shape)
                 if self.o.untreated is Untreated.ZERO:
                     put(plan.key, torch.zeros(shape, dtype=info.dtype))

@@ -264,34 +264,35 @@ class TorchrunRanks(Ranks):
             if pending:
                 time.sleep(POLL_SECONDS)
 
-    def sum_(self, tensor: torch.Tensor) -> torch.Tensor:
-        start = time.perf_counter()
-        self._sums += 1
-        self._wait_all(f"sum{self._sums}")  # all arrive: the collective itself waits no more
-        self._ask(self.dist.all_reduce, tensor)  # gloo's is faster than its reduce
-        self.waited += time.perf_counter() - start
-        return tensor
-
-    def broadcast_(self, tensor: torch.Tensor) -> torch.Tensor:
+    def _collective(self, op, *args, **kwargs) -> None:
+        """A collective once every rank has arrived (it then waits no more), timed."""
         start = time.perf_counter()
         self._sums += 1
         self._wait_all(f"sum{self._sums}")
-        self._ask(self.dist.broadcast, tensor, src=0)
+        self._ask(op, *args, **kwargs)
         self.waited += time.perf_counter() - start
+
+    def _transfer(self, op, *args) -> None:
+        """A point-to-point transfer, timed. Blocking: gloo completes one only in wait().
+        A peer that fails closes its connection (an error here, quiet: it set "failed"
+        first); one that hangs is bounded by the process group's timeout."""
+        start = time.perf_counter()
+        self._ask(op, *args)
+        self.waited += time.perf_counter() - start
+
+    def sum_(self, tensor: torch.Tensor) -> torch.Tensor:
+        self._collective(self.dist.all_reduce, tensor)  # gloo's is faster than its reduce
+        return tensor
+
+    def broadcast_(self, tensor: torch.Tensor) -> torch.Tensor:
+        self._collective(self.dist.broadcast, tensor, src=0)
         return tensor
 
     def send_(self, tensor: torch.Tensor, dst: int) -> None:
-        # Blocking: gloo completes a transfer only in wait(). A peer that fails closes
-        # its connection (an error here, quiet: it set "failed" first); one that hangs
-        # is bounded by the process group's timeout.
-        start = time.perf_counter()
-        self._ask(self.dist.send, tensor, dst)
-        self.waited += time.perf_counter() - start
+        self._transfer(self.dist.send, tensor, dst)
 
     def recv_(self, tensor: torch.Tensor, src: int) -> torch.Tensor:
-        start = time.perf_counter()
-        self._ask(self.dist.recv, tensor, src)
-        self.waited += time.perf_counter() - start
+        self._transfer(self.dist.recv, tensor, src)
         return tensor
 
     def agree(self) -> None:
