@@ -11,7 +11,9 @@ front to back (every job does, chunk after chunk) hashes it without a second rea
 job did not read in order (a layer left out by ``--layer``, another rank's rows) is read
 once more when the fingerprint is asked for (:meth:`TensorDigests.hexdigest`). A stream
 hashes every byte as it arrives, kept or skipped, so its digests are complete once it has
-been read to its end.
+been read to its end. Files nobody fingerprints (factors, vectors) are opened without
+hashing (``hashed=False``): their reads cost no hashing, and a fingerprint asked of one all
+the same reads the file once more.
 
 Thread rules: ``update`` runs on the one reader thread of a job, ``hexdigest`` after the
 reads; ``hashlib`` releases the GIL while it hashes, so hashing overlaps the compute.
@@ -32,17 +34,19 @@ class TensorDigests:
 
     Args:
         sizes: Each tensor's name and byte count.
+        hashed: Hash the reads as they pass (else only on :meth:`hexdigest`).
     """
 
-    def __init__(self, sizes: dict[str, int]) -> None:
+    def __init__(self, sizes: dict[str, int], hashed: bool = True) -> None:
         self._sizes = sizes
+        self._hashed = hashed
         self._hashes = {k: hashlib.sha256() for k in sizes}
         self._done = dict.fromkeys(sizes, 0)
 
     def update(self, name: str, offset: int, data: memoryview) -> None:
         """``data`` was read at byte ``offset`` of tensor ``name``: hash it if it continues
         the hashed bytes (a read elsewhere is left to :meth:`hexdigest`)."""
-        if offset == self._done[name] and len(data):
+        if self._hashed and offset == self._done[name] and len(data):
             self._hashes[name].update(data)
             self._done[name] += len(data)
 
@@ -53,6 +57,7 @@ class TensorDigests:
         if done < size:
             if read is None:
                 raise RuntimeError(f"{name}: bytes {done}:{size} were never hashed")
+            self._hashed = True
             buf = memoryview(bytearray(min(HASH_CHUNK, size - done)))
             while done < size:
                 part = buf[: min(len(buf), size - done)]

@@ -38,6 +38,7 @@ class SafetensorsFile:
 
     Args:
         path: The file.
+        hashed: Hash the bytes read in order, for :meth:`digest` (see :mod:`.digest`).
 
     Raises:
         KfacError: For anything that is not a well-formed safetensors file.
@@ -45,7 +46,7 @@ class SafetensorsFile:
 
     sequential = False
 
-    def __init__(self, path: Path | str) -> None:
+    def __init__(self, path: Path | str, hashed: bool = True) -> None:
         self.path = Path(path)
         self._fh = open_readable(self.path)
         try:
@@ -55,7 +56,7 @@ class SafetensorsFile:
         except BaseException:
             self._fh.close()
             raise
-        self._digests = TensorDigests({k: i.nbytes for k, i in self.infos.items()})
+        self._digests = TensorDigests({k: i.nbytes for k, i in self.infos.items()}, hashed)
 
     def read(
         self, name: str, out: Tensor | None = None, rows: tuple[int, int, int] | None = None

@@ -80,10 +80,12 @@ class RandomAccess:
 
 
 class TensorSource(RandomAccess):
-    """Tensors by name from a safetensors file or a sharded set (``*.index.json``)."""
+    """Tensors by name from a safetensors file or a sharded set (``*.index.json``); reads
+    ``hashed`` for :meth:`digest` or not (see :mod:`.digest`)."""
 
-    def __init__(self, path: Path | str) -> None:
+    def __init__(self, path: Path | str, hashed: bool = True) -> None:
         self.path = Path(path)
+        self._hashed = hashed
         self.files: list[SafetensorsFile] = []
         self.infos: dict[str, TensorInfo] = {}
         self._file_of: dict[str, SafetensorsFile] = {}
@@ -91,7 +93,7 @@ class TensorSource(RandomAccess):
             if self.path.name.endswith(".json"):
                 self._open_index()
             else:
-                self._add(SafetensorsFile(self.path))
+                self._add(SafetensorsFile(self.path, hashed))
         except BaseException:
             self.close()
             raise
@@ -136,7 +138,7 @@ class TensorSource(RandomAccess):
                     "a shard file name beside the index",
                     "a path outside its folder",
                 )
-            self._add(SafetensorsFile(self.path.parent / shard))
+            self._add(SafetensorsFile(self.path.parent / shard, self._hashed))
         for name, shard in weight_map.items():
             if name not in self.infos or self.infos[name].file.name != shard:
                 raise KfacError(
@@ -208,7 +210,9 @@ class DictSource(RandomAccess):
         self._tensors = {}
 
 
-def open_tensors(path: Path | str, stream_ok: bool = True, role: str | None = None) -> Tensors:
+def open_tensors(
+    path: Path | str, stream_ok: bool = True, role: str | None = None, hashed: bool = False
+) -> Tensors:
     """The tensors of a safetensors file, a sharded set, a weights-only ``.pt`` file, or
     (with ``stream_ok``) a safetensors stream: ``-`` or a named pipe.
 
@@ -218,10 +222,12 @@ def open_tensors(path: Path | str, stream_ok: bool = True, role: str | None = No
         role: What the command takes the file for (a key of
             :data:`~kfac_cli.files.kinds.ROLES`): a file of another kind is refused, saying
             what it is (:func:`~kfac_cli.files.kinds.require`).
+        hashed: Hash the reads as they pass, for a :func:`fingerprint` at the end (a
+            stream cannot give one otherwise; a file would be read once more).
     """
     if display_name(path) != str(path) or Path(str(path)).is_fifo():
         fh, _ = open_input(path, stream_ok=stream_ok)
-        src: Tensors = StreamSource(fh, display_name(path))
+        src: Tensors = StreamSource(fh, display_name(path), hashed)
         if role is not None:
             try:
                 require_format(src.path, src.metadata, role)
@@ -233,7 +239,7 @@ def open_tensors(path: Path | str, stream_ok: bool = True, role: str | None = No
         require(path, identify(path), role)
     if Path(path).suffix.lower() in SUFFIXES:
         return DictSource(path)
-    return TensorSource(path)
+    return TensorSource(path, hashed)
 
 
 def fingerprint(src: Tensors) -> str:

@@ -36,6 +36,7 @@ class StreamSource:
     Args:
         fh: The stream, at its first byte (the source owns and closes it).
         name: How it is named in messages (``stdin``, or the pipe's path).
+        hashed: Hash every byte as it arrives, for :meth:`digest` (else it cannot say).
 
     Raises:
         KfacError: For a malformed header, or (on reads) a stream that ends early.
@@ -43,7 +44,7 @@ class StreamSource:
 
     sequential = True
 
-    def __init__(self, fh: BinaryIO, name: str) -> None:
+    def __init__(self, fh: BinaryIO, name: str, hashed: bool = True) -> None:
         self.path = name
         self._fh = fh
         try:
@@ -59,7 +60,7 @@ class StreamSource:
         self._spill: BinaryIO | None = None
         self._segments: list[tuple[int, int, int]] = []  # (begin, end, spill offset)
         self._lock = threading.Lock()
-        self._digests = TensorDigests({k: i.nbytes for k, i in self.infos.items()})
+        self._digests = TensorDigests({k: i.nbytes for k, i in self.infos.items()}, hashed)
 
     def order(self, keys: Iterable[str]) -> list[str]:
         """``keys`` in the order their bytes arrive."""

@@ -194,7 +194,7 @@ def run_canonicalize(
     table = load_layer_table(model, o.spec, o.unsafe_pickle)
     columns, batch_first, layout = o.columns, o.batch_first, o.layout.value
     lead, trail = int(batch_first), int(columns)
-    with open_tensors(tensors, role="tensors") as src:
+    with open_tensors(tensors, role="tensors", hashed=True) as src:
         blocks, missing = plan_blocks(
             table,
             list(src.infos),
@@ -398,7 +398,7 @@ def run_uncanonicalize(
             whose parameters are not the model's.
     """
     job = Job("canonicalize --inverse", out, force=force, dtype=dtype, reporter=reporter)
-    with open_tensors(canonical, role="canonical") as src:
+    with open_tensors(canonical, role="canonical", hashed=True) as src:
         opts, blocks, info = _canonical_meta(src.path, src.metadata)
         shapes, dtypes = info["shapes"], info["dtypes"]
         if model is not None:

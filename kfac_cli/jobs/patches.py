@@ -99,7 +99,7 @@ def run_patches(
     job = Job("patches", out, force=o.force, device=o.device, dtype=dtype, reporter=reporter)
     approx, bias_column, strict = o.approx, o.bias_column, o.strict
     table = load_layer_table(model, o.spec, o.unsafe_pickle)
-    with open_tensors(activations, role="activations") as src:
+    with open_tensors(activations, role="activations", hashed=True) as src:
         keys = select_keys(table, src, model, list(o.patterns), o.ignore_unknown, job.reporter)
         plans = [
             _plan(key, table.layer(key), src, model, approx, bias_column, job.cast) for key in keys
