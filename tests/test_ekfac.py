@@ -15,6 +15,8 @@ from kfac_cli.ops.eigh import factor_eigh
 from kfac_cli.ops.ekfac import (
     add_corrections,
     add_weight_corrections,
+    pad_square,
+    padded_width,
     split_eigenbasis,
     strategy,
 )
@@ -185,6 +187,12 @@ def test_corrections_routes_equal_brute_force(method, shape):
     )
     got = add_corrections(torch.zeros(d1, d2, dtype=torch.float64), a, g, q_g, q_a, 0.5, method)
     torch.testing.assert_close(got, 0.5 * expected, rtol=1e-12, atol=1e-12)
+    # Q_A zero-padded to GEMM-friendly rows, per-example gradients formed one at a time
+    wide = pad_square(q_a, padded_width(d2))
+    got = add_corrections(
+        torch.zeros(d1, d2, dtype=torch.float64), a, g, q_g, wide, 0.5, method, budget=1
+    )
+    torch.testing.assert_close(got, 0.5 * expected, rtol=1e-12, atol=1e-12)
     bias = sum((q_g.T @ g[v, i].sum(0)) ** 2 for v in range(vectors) for i in range(n))
     got = add_corrections(torch.zeros(d1, dtype=torch.float64), None, g, q_g, None)
     torch.testing.assert_close(got, bias, rtol=1e-12, atol=1e-12)
@@ -199,7 +207,8 @@ def test_unit_eigenvectors_are_copied_not_multiplied():
     rows[:, [1, 4, 5]] = 0
     vals, q_a = factor_eigh(rows.T @ rows)
     basis = split_eigenbasis(q_a, vals)
-    assert sorted(basis.unit_rows.tolist()) == [1, 4, 5] and basis.live.shape == (4, 4)
+    assert sorted(basis.unit_rows.tolist()) == [1, 4, 5] and basis.live_cols.numel() == 4
+    assert basis.live.shape == (16, 16) and not basis.live[4:].any() and not basis.live[:, 4:].any()
     q_g = torch.linalg.qr(torch.randn(3, 3, dtype=torch.float64, generator=gen))[0]
     g = torch.randn(2, 5, 6, 3, dtype=torch.float64, generator=gen)
     for a in (rows[:30].reshape(5, 6, 7), torch.randn(5, 6, 7, dtype=torch.float64, generator=gen)):

@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 
 import torch
 
@@ -27,8 +29,16 @@ from kfac_cli.ops.ekfac import (
     sample_gradients,
     sample_inputs,
     split_eigenbasis,
+    strategy,
 )
 from kfac_cli.ops.factors import locations, loss_correction
+
+# Samples summed in the accumulation dtype before the float64 total takes them: float32's
+# rounding over so few stays within a few units of 1e-6, and the float64 total keeps it so.
+FLUSH_SAMPLES = 64
+# What the second pass rotates with, per layer: A's eigenvalues (exact zeros: unit
+# eigenvectors), A's and G's eigenvectors.
+BASIS_KEYS = ("A.eigenvalues", "A.eigenvectors", "G.eigenvectors")
 
 
 def block_keys(layer_meta: dict) -> list[tuple[str, bool]]:
@@ -92,6 +102,22 @@ class Eigenbasis:
     def read(self, key: str) -> torch.Tensor:
         return self.src.read(key)
 
+    def layers(
+        self, names: list[str], dtype: torch.dtype
+    ) -> Iterator[tuple[str, list[torch.Tensor]]]:
+        """Each named layer's name and ``A`` eigenvalues, ``A`` and ``G`` eigenvectors in
+        ``dtype``, in order; the next layer's read on a thread while this one's is used."""
+
+        def load(name: str) -> list[torch.Tensor]:
+            return [self.read(f"{name}.{k}").to(dtype) for k in BASIS_KEYS]
+
+        with ThreadPoolExecutor(1, thread_name_prefix="kfac-cli-eigenbasis") as pool:
+            ahead = [pool.submit(load, name) for name in names[:1]]
+            for i in range(len(names)):
+                values = ahead.pop().result()
+                ahead += [pool.submit(load, name) for name in names[i + 1 : i + 2]]
+                yield names[i], values
+
     def close(self) -> None:
         self.src.close()
 
@@ -125,7 +151,8 @@ class Corrections:
             group = vectors
             if s * vectors * w.c_out > budget // 2:  # one sample's gradients are large
                 group = max(1, budget // 2 // max(s * w.c_out, 1))
-            per = chunk_samples(s, w.c_out, w.d, group, max(budget - raw, budget // 2))
+            method = strategy(s, w.c_out, w.d, group)
+            per = chunk_samples(s, w.c_out, w.d, group, max(budget - raw, budget // 2), method)
             groups = [range(v, min(v + group, vectors)) for v in range(0, vectors, group)]
             for s0 in range(start, stop, per):
                 yield f, keys, s0, min(stop, s0 + per), groups
@@ -175,8 +202,13 @@ class Corrections:
             )
             for key, weight in blocks
         }
+        # Chunks add into partial sums in the accumulation dtype, flushed into the float64
+        # sums every FLUSH_SAMPLES samples (the squares are added as they come).
+        partial = {key: torch.zeros_like(total, dtype=acc.dtype) for key, total in sums.items()}
+        pending = 0
         conventions = acc.agreed
         basis = split_eigenbasis(q_a, vals_a)
+        budget = acc.job.chunk_bytes // acc.dtype.itemsize
         for f, keys, s0, s1, groups in self._chunks(w):
             acc.ranks.check()
             reads = self._row_reads(f, keys, s0, s1, groups)
@@ -199,9 +231,13 @@ class Corrections:
                 )
                 for key, weight in blocks:
                     if weight:
-                        add_weight_corrections(sums[key], a, g, q_g, basis, alpha)
+                        add_weight_corrections(partial[key], a, g, q_g, basis, alpha, budget)
                     else:
-                        add_corrections(sums[key], None, g, q_g, None, alpha)
+                        add_corrections(partial[key], None, g, q_g, None, alpha)
+            pending += n
+            if pending >= FLUSH_SAMPLES:
+                pending = _flush(partial, sums)
+        _flush(partial, sums)
         if check:
             for sources in (acc.acts, acc.grads):
                 for src in sources:
@@ -237,6 +273,14 @@ class Corrections:
             x = x.clone()
         acc.prefetch.release(buf)
         return x
+
+
+def _flush(partial: dict[str, torch.Tensor], sums: dict[str, torch.Tensor]) -> int:
+    """Add each partial sum to its float64 total and zero it; 0 samples pending."""
+    for key, part in partial.items():
+        sums[key] += part
+        part.zero_()
+    return 0
 
 
 def _joined(parts: list[torch.Tensor], dim: int) -> torch.Tensor:

@@ -23,7 +23,7 @@ from kfac_cli.files.kinds import FACTORS, GRADIENTS
 from kfac_cli.files.sources import Tensors, fingerprint, open_tensors
 from kfac_cli.jobs.devices import resolve_dtype
 from kfac_cli.jobs.distributed import Ranks, on_ranks
-from kfac_cli.jobs.ekfac import Corrections, Eigenbasis, block_keys
+from kfac_cli.jobs.ekfac import BASIS_KEYS, Corrections, Eigenbasis, block_keys
 from kfac_cli.jobs.pipeline import BufferPool, Prefetcher, Read, view
 from kfac_cli.jobs.skeleton import (
     CPU,
@@ -318,7 +318,7 @@ def _open_all(paths: list[Path | str], role: str) -> list[Tensors]:
     sources: list[Tensors] = []
     try:
         for path in paths:
-            sources.append(open_tensors(path, role=role))
+            sources.append(open_tensors(path, role=role, hashed=True))
     except BaseException:
         for src in sources:
             src.close()
@@ -712,6 +712,8 @@ class _Accumulator:
         self.out_pool = BufferPool(3, CPU)
         self.prefetch: Prefetcher | None = None  # the job's, given with each plan
         self.ekfac, self.basis = opts.ekfac, basis
+        if basis is not None:
+            self.basis_ahead = basis.layers(list(self.works), self.dtype)
         self.layer_metas = (fields or {}).get("layers", {})
         self.second = Corrections(self)
 
@@ -789,21 +791,24 @@ class _Accumulator:
             self._sum_factors(w)
         if not self.ekfac:
             return
-        bases = []  # A's eigenvalues, A's and G's eigenvectors, as stored
-        for key, shape in (("A.eigenvalues", (w.d,)), ("A.eigenvectors", (w.d, w.d)),
-                           ("G.eigenvectors", (w.c_out, w.c_out))):  # fmt: skip
-            key = f"{w.layer.name}.{key}"
-            if self.basis is not None:
-                value = self.basis.read(key).to(self.dtype)
-            elif self.ranks.writer:
-                value = self.done[key] = self.done[key].to(CPU, self.dtype)
-            else:
-                value = torch.empty(shape, dtype=self.dtype)
-            value = value.to(self.stage.device).contiguous()  # one layout: the same rounding
-            if self.basis is None:
-                self.ranks.broadcast_(value)  # the writer's bytes on every rank
-            bases.append(value)
-        vals_a, q_a, q_g = bases
+        if self.basis is not None:  # read while the last layer was computed
+            name, bases = next(self.basis_ahead)
+            if name != w.layer.name:
+                raise RuntimeError(f"eigenbasis read out of step: {name}, not {w.layer.name}")
+        else:  # the writer's bytes on every rank
+            bases = []
+            for key, shape in zip(BASIS_KEYS, ((w.d,), (w.d, w.d), (w.c_out, w.c_out))):
+                key = f"{w.layer.name}.{key}"
+                if self.ranks.writer:
+                    value = self.done[key] = self.done[key].to(CPU, self.dtype)
+                else:
+                    value = torch.empty(shape, dtype=self.dtype)
+                bases.append(value)
+        # one layout on every rank: the same rounding
+        vals_a, q_a, q_g = (v.to(self.stage.device).contiguous() for v in bases)
+        if self.basis is None:
+            for value in (vals_a, q_a, q_g):
+                self.ranks.broadcast_(value)
         meta = self.layer_metas[w.layer.name]
         sums = self.second.layer(w, meta, q_a, q_g, vals_a, check=self.basis is not None)
         if self.ranks.writer:

@@ -34,6 +34,9 @@ from kfac_cli.ops.patches import conv_patches, linear_patches
 
 # One pass over memory (square, sum) counted as this many multiply-adds of a product.
 ELEMENT_FLOPS = 8
+# Products whose rows are a multiple of this many elements (64 bytes of float32) run at
+# the GEMM kernels' full rate; odd widths (a joint bias column) are padded to it.
+GEMM_ALIGN = 16
 
 
 def sample_inputs(x: Tensor, params: ConvParams | None, bias_column: bool, fold: int) -> Tensor:
@@ -75,6 +78,23 @@ def strategy(locations: int, d_out: int, d_in: int, vectors: int) -> str:
     return "gramian" if gramian < per_example else "per_example"
 
 
+def padded_width(d: int) -> int:
+    """``d`` rounded up to whole :data:`GEMM_ALIGN` columns: a product whose output rows
+    are that wide runs at the core's rate (2305 columns, a joint bias's ``A``, ran a
+    quarter slower than 2320)."""
+    return -(-d // GEMM_ALIGN) * GEMM_ALIGN
+
+
+def pad_square(q: Tensor, width: int) -> Tensor:
+    """``q: [D, D]`` in the top-left corner of zeros ``[width, width]`` (``q`` itself when
+    ``width == D``)."""
+    if width == q.shape[0]:
+        return q
+    out = q.new_zeros(width, width)
+    out[: q.shape[0], : q.shape[1]] = q
+    return out
+
+
 def add_corrections(
     out: Tensor,
     a: Tensor | None,
@@ -83,49 +103,64 @@ def add_corrections(
     q_a: Tensor | None,
     alpha: float = 1.0,
     method: str | None = None,
+    budget: int = 2**21,
 ) -> Tensor:
     """Add ``alpha · Σ_{n,v} (Q_Gᵀ ∇_{n,v} Q_A)²`` over one chunk of samples to ``out``.
 
     Args:
         out: ``[D1, D2]`` (a weight or joint block) or ``[D1]`` (a bias block), any float
-            dtype (float64 for long sums).
+            dtype: in ``g``'s, squares are added to it as they come (fastest; a float32
+            partial of a few samples), in another (float64 for long sums) once per call.
         a: ``[n, S, D2]`` (:func:`sample_inputs`), or ``None`` for a bias block, whose
             per-example gradient is ``Σ_s g_s``.
         g: ``[V, n, S, D1]`` (:func:`sample_gradients`).
         q_g: ``G``'s eigenvectors ``[D1, D1]`` (columns), in ``g``'s dtype.
-        q_a: ``A``'s eigenvectors ``[D2, D2]``, ``None`` for no rotation of ``a`` (or a
-            bias block).
+        q_a: ``A``'s eigenvectors ``[D2, D2]``, or zero-padded to ``[W, W]``, ``W > D2``
+            (:func:`pad_square` to :func:`padded_width`: ``a`` is padded alike and the
+            products run at full rate); ``None`` for no rotation of ``a`` (or a bias block).
         alpha: The scale (the loss correction ``c``).
         method: ``per_example`` or ``gramian`` (default: :func:`strategy`).
+        budget: Elements of ``[·, D1, W]`` per-example gradients formed at once.
 
     Returns:
         ``out``.
     """
     if a is None:
         rotated = g.sum(2) @ q_g  # [V, n, D1]
-        out += rotated.square_().sum((0, 1)).to(out.dtype) * alpha
+        out.add_(rotated.square_().sum((0, 1)), alpha=alpha)
         return out
-    vectors, _, s, d1 = g.shape
+    vectors, n, s, d1 = g.shape
     d2 = a.shape[-1]
     method = method or strategy(s, d1, d2, vectors)
+    if q_a is not None and q_a.shape[0] > d2:
+        a = torch.nn.functional.pad(a, (0, q_a.shape[0] - d2))
     if method == "gramian":
-        out += (_gramian(a if q_a is None else a @ q_a, g @ q_g) * alpha).to(out.dtype)
+        out.add_(_gramian(a if q_a is None else a @ q_a, g @ q_g)[:, :d2], alpha=alpha)
         return out
     if method != "per_example":
         raise ValueError(f"method must be per_example or gramian, not {method!r}")
-    a_first = s * d2 < vectors * d1 * d2 or q_a is None
+    a_first = q_a is None or s * d2 < vectors * d1 * d2
+    g_first = s < d2
     x = a @ q_a if a_first and q_a is not None else a
-    total = None
+    # Squares added straight into ``out`` where it has g's dtype (a float32 partial sum,
+    # see jobs.ekfac), else into one such partial first.
+    acc, scale = (out, alpha) if out.dtype == g.dtype else (g.new_zeros(d1, d2), 1.0)
+    step = max(1, budget // (d1 * a.shape[-1]))
     for v in range(vectors):
-        y = g[v] @ q_g if s < d2 else g[v]
-        grad = y.transpose(1, 2) @ x  # [n, D1, D2]
-        if not s < d2:
-            grad = q_g.T @ grad
-        if not a_first:
-            grad = grad @ q_a
-        part = grad.square_().sum(0)
-        total = part if total is None else total.add_(part)
-    out += (total * alpha).to(out.dtype)
+        y = g[v] @ q_g if g_first else g[v]
+        for i in range(0, n, step):  # one sample: 2-D products (a batch of one is slower)
+            yi, xi = (y[i], x[i]) if step == 1 else (y[i : i + step], x[i : i + step])
+            grad = yi.mT @ xi  # [(step,) D1, W]
+            if not g_first:
+                grad = q_g.T @ grad
+            if not a_first:
+                grad = grad @ q_a
+            if step == 1:
+                acc.addcmul_(grad[:, :d2], grad[:, :d2], value=scale)
+            else:
+                acc.add_(grad.square_().sum(0)[:, :d2], alpha=scale)
+    if acc is not out:
+        out.add_(acc, alpha=alpha)
     return out
 
 
@@ -133,9 +168,9 @@ def add_corrections(
 class Eigenbasis:
     """``A``'s eigenvectors with their exact ± unit columns split off: a factor's zero rows
     (kernel taps that read only padding) have them (:func:`kfac_cli.ops.eigh.factor_eigh`),
-    and rotating by a unit vector is a copy, so only ``live`` (``[L, C]``, rows
-    ``live_rows`` and columns ``live_cols`` of ``Q_A``) is multiplied; unit column
-    ``unit_cols[k]`` is the input column ``unit_rows[k]`` up to sign."""
+    and rotating by a unit vector is a copy, so only ``live`` (rows ``live_rows`` and
+    columns ``live_cols`` of ``Q_A``, zero-padded to :func:`padded_width`) is multiplied;
+    unit column ``unit_cols[k]`` is the input column ``unit_rows[k]`` up to sign."""
 
     live: Tensor
     live_rows: Tensor
@@ -158,26 +193,32 @@ def split_eigenbasis(q: Tensor, eigenvalues: Tensor) -> Eigenbasis:
     live_rows = torch.ones(q.shape[0], dtype=torch.bool, device=q.device)
     live_rows[rows] = False
     live_rows, live_cols = live_rows.nonzero()[:, 0], live_cols.nonzero()[:, 0]
-    if not unit_cols.numel():
-        return Eigenbasis(q, live_rows, live_cols, rows, unit_cols)
-    return Eigenbasis(q[live_rows][:, live_cols], live_rows, live_cols, rows, unit_cols)
+    live = q[live_rows][:, live_cols] if unit_cols.numel() else q
+    live = pad_square(live, padded_width(live.shape[0]))
+    return Eigenbasis(live, live_rows, live_cols, rows, unit_cols)
 
 
 def add_weight_corrections(
-    out: Tensor, a: Tensor, g: Tensor, q_g: Tensor, basis: Eigenbasis, alpha: float = 1.0
+    out: Tensor,
+    a: Tensor,
+    g: Tensor,
+    q_g: Tensor,
+    basis: Eigenbasis,
+    alpha: float = 1.0,
+    budget: int = 2**21,
 ) -> Tensor:
     """:func:`add_corrections` of a weight block in a split ``basis``: the live columns
     rotated, the unit ones copied (skipped where ``a`` is zero there, as padding is)."""
     if not basis.unit_cols.numel():
-        return add_corrections(out, a, g, q_g, basis.live, alpha)
+        return add_corrections(out, a, g, q_g, basis.live, alpha, budget=budget)
     part = out.new_zeros(out.shape[0], basis.live_cols.numel())
     out[:, basis.live_cols] += add_corrections(
-        part, a[..., basis.live_rows], g, q_g, basis.live, alpha
+        part, a[..., basis.live_rows], g, q_g, basis.live, alpha, budget=budget
     )
     copied = a[..., basis.unit_rows]
     if bool(copied.any()):
         part = out.new_zeros(out.shape[0], basis.unit_cols.numel())
-        out[:, basis.unit_cols] += add_corrections(part, copied, g, q_g, None, alpha)
+        out[:, basis.unit_cols] += add_corrections(part, copied, g, q_g, None, alpha, budget=budget)
     return out
 
 
@@ -194,9 +235,14 @@ def _gramian(x: Tensor, y: Tensor) -> Tensor:
     return ys.reshape(-1, ys.shape[-1]).T @ xs.reshape(-1, xs.shape[-1])
 
 
-def chunk_samples(locations: int, d_out: int, d_in: int, vectors: int, budget: int) -> int:
-    """Samples per chunk so that a chunk's rows and products fit ``budget`` elements."""
-    per_sample = locations * (d_in + vectors * d_out) + max(
-        d_out * d_in, locations * (locations + 1) // 2 * (d_in + d_out)
-    )
+def chunk_samples(
+    locations: int, d_out: int, d_in: int, vectors: int, budget: int, method: str
+) -> int:
+    """Samples per chunk so that a chunk's rows, their rotations and (``gramian``) their
+    pair products fit ``budget`` elements (per-example gradients are formed a few at a
+    time, see :func:`add_corrections`)."""
+    d_in = padded_width(d_in)
+    per_sample = 2 * locations * (d_in + vectors * d_out)
+    if method == "gramian":
+        per_sample += locations * (locations + 1) // 2 * (d_in + d_out)
     return max(1, budget // max(per_sample, 1))
