@@ -183,9 +183,12 @@ def split_eigenbasis(q: Tensor, eigenvalues: Tensor) -> Eigenbasis:
     """:class:`Eigenbasis` of eigenvectors ``q: [D, D]`` (columns) with ``eigenvalues``
     ``[D]``: only the columns of eigenvalue exactly 0 (a zero row's) are looked at."""
     candidates = (eigenvalues == 0).nonzero()[:, 0]
-    nonzero = q[:, candidates] != 0
-    unit_cols = candidates[nonzero.sum(0) == 1]
-    rows = (q[:, unit_cols] != 0).to(torch.uint8).argmax(0)  # the row each one hits
+    nonzero = q.index_select(1, candidates).ne(0)  # (row-major scans: torch's fast ones)
+    unit = nonzero.sum(0, dtype=torch.int32) == 1
+    unit_cols = candidates[unit]
+    hits = nonzero[:, unit].nonzero()  # (row, column) of each one's single entry
+    rows = torch.empty_like(unit_cols)
+    rows[hits[:, 1]] = hits[:, 0]  # the row each one hits
     live_cols = torch.ones(q.shape[1], dtype=torch.bool, device=q.device)
     live_cols[unit_cols] = False
     if bool((q[rows][:, live_cols] != 0).any()):  # (not for eigenvectors: split nothing)
