@@ -254,12 +254,15 @@ def test_expand_kernels_equal_brute_force(data):
     """Every expand method on random N-d geometries, against Σ p pᵀ of the patches."""
     n = data.draw(st.integers(1, 3))
     k = tuple(data.draw(st.integers(1, 4)) for _ in range(n))
-    d = tuple(data.draw(st.integers(1, 2)) for _ in range(n))
+    d = tuple(data.draw(st.integers(1, 4)) for _ in range(n))
     s = tuple(data.draw(st.integers(1, 2)) for _ in range(n))
     size = tuple(data.draw(st.integers(kk * dd, kk * dd + 5)) for kk, dd in zip(k, d))
     groups = data.draw(st.sampled_from([1, 2]))
     mode = data.draw(st.sampled_from(["zeros", "zeros", "reflect", "circular", "replicate"]))
-    pads = tuple((data.draw(st.integers(0, kk - 1)), data.draw(st.integers(0, kk - 1))) for kk in k)
+    pads = tuple(
+        (data.draw(st.integers(0, (kk - 1) * dd)), data.draw(st.integers(0, (kk - 1) * dd)))
+        for kk, dd in zip(k, d)
+    )
     if mode != "zeros":
         pads = tuple((min(a, i - 1), min(b, i - 1)) for (a, b), i in zip(pads, size))
     params = ConvParams.create(k, s, pads, d, groups, mode, n=n)
@@ -267,10 +270,30 @@ def test_expand_kernels_equal_brute_force(data):
     patches = conv_patches(x, params).reshape(-1, params.patch_size(x.shape[1]))
     expected = patches.T @ patches
     methods = ["patches"] + (["lags"] if all(v == 1 for v in s) else [])
-    for method in methods:
-        got = conv_covariance(x, params, method=method)
+    for method, split in itertools.product(methods, (False, True)):
+        # split: the outputs in boxes where the same taps read inputs (padding left out)
+        got = conv_covariance(x, params, method=method, split=split)
         torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-11)
         assert torch.equal(got, got.T)
+
+
+def test_dilated_taps_reading_padding_are_split_off():
+    """A DeepLab ASPP conv (3x3, dilation 12, 'same', 28x28 map): half the patches'
+    entries read padding; the outputs are summed in boxes of the taps that read inputs
+    there (chosen by the operation count at 256 channels, not at a 3x3 of dilation 1), and
+    the sum equals the patches'."""
+    from kfac_cli.ops.factors import _cheaper_plan, _tap_boxes
+
+    aspp = ConvParams.create(3, 1, 12, 12, n=2)
+    boxes = _tap_boxes((28, 28), aspp)
+    assert len(boxes) == 9 and _cheaper_plan((2, 256, 28, 28), aspp, boxes, None) == boxes
+    plain = ConvParams.create(3, 1, 1, 1, n=2)
+    assert len(_cheaper_plan((2, 64, 56, 56), plain, _tap_boxes((56, 56), plain), None)) == 1
+    x = torch.randn(2, 3, 28, 28, dtype=torch.float64)
+    patches = conv_patches(x, aspp).reshape(-1, aspp.patch_size(3))
+    for split in (True, False, None):
+        got = conv_covariance(x, aspp, split=split)
+        torch.testing.assert_close(got, patches.T @ patches, rtol=1e-12, atol=1e-11)
 
 
 @pytest.mark.parametrize(

@@ -56,6 +56,10 @@ PATCH_ROWS = 2048
 WIDE_MAX = 1024
 CROSS_ROWS = 4096
 OP_OVERHEAD_FLOPS = 2e5
+# A box of outputs summed apart (see conv_covariance): its few ops, and per element of its
+# sum a pass over memory, in multiply-adds of a product on the same core.
+BOX_OVERHEAD_FLOPS = 2e7
+ELEMENT_PASS_FLOPS = 64
 
 
 def gram(p: Tensor, out: Tensor | None = None, alpha: float = 1.0, beta: float = 1.0) -> Tensor:
@@ -295,22 +299,27 @@ def reduce_rows(x: Tensor, params: ConvParams | None, bias_column: bool = False)
 
 def expand_method(shape: Sequence[int], params: ConvParams) -> str:
     """``lags`` or ``patches``, whichever the operation count says is cheaper."""
-    if any(s != 1 for s in params.stride) or prod(params.kernel_size) == 1:
-        return "patches"
+    return min(_expand_costs(shape, params).items(), key=lambda kv: kv[1])[0]
+
+
+def _expand_costs(shape: Sequence[int], params: ConvParams) -> dict[str, float]:
+    """Estimated operations of each method that applies (``lags``: stride 1, > 1 tap)."""
     batch, channels, *size = shape
     channels //= params.groups
     if params.padding_mode != "zeros":
         size = [i + left + right for i, (left, right) in zip(size, params.pads())]
     rows = batch * prod(params.output_size(shape[2:]))
     d = channels * prod(params.kernel_size)
-    patch_cost = rows * d * d * 0.6 + rows * d * 4
+    costs = {"patches": rows * d * d * 0.6 + rows * d * 4}
+    if any(s != 1 for s in params.stride) or prod(params.kernel_size) == 1:
+        return costs
     gapped = [i + (k - 1) * dd for i, k, dd in zip(size, params.kernel_size, params.dilation)]
     lags = (prod(2 * k - 1 for k in params.kernel_size) + 1) // 2
     edge = sum((k - 1) * dd / i for i, k, dd in zip(gapped, params.kernel_size, params.dilation))
     pairs = prod(params.kernel_size) ** 2 // 2
     lag_flops = lags * batch * prod(gapped) * channels**2 * (1 + 2 * edge)
-    lag_cost = lag_flops + pairs * (2 ** len(size)) * (channels**2 + OP_OVERHEAD_FLOPS)
-    return "lags" if lag_cost < patch_cost else "patches"
+    costs["lags"] = lag_flops + pairs * (2 ** len(size)) * (channels**2 + OP_OVERHEAD_FLOPS)
+    return costs
 
 
 def conv_covariance(
@@ -321,52 +330,43 @@ def conv_covariance(
     alpha: float = 1.0,
     method: str | None = None,
     scratch: dict | None = None,
+    split: bool | None = None,
 ) -> Tensor:
     """``Σ_{b,o} p pᵀ`` over the expand patches of ``x: [B, C_in, *I]``, ``[D, D]``.
 
     With ``out``: added (times ``alpha``) to its upper triangle, rows and columns in
     tap-major order; without: the symmetric sum in the format's order ``(c, k..)``.
-    Kernel taps that read only zero padding (large dilations) give zero rows and columns:
-    only the others are computed.
+    Padding is never multiplied where that is cheaper: kernel taps that read only zero
+    padding (large dilations) give zero rows and columns and are left out, and where
+    dilated taps read padding at many outputs (a 3x3 conv of dilation 12 on a 28x28 map:
+    half the patches' entries), the outputs are split into boxes inside which the same
+    taps read inputs, each summed over those taps alone (:func:`_tap_boxes`); ``split``
+    forces that (``True``) or its opposite (``False``), by default the operation count
+    decides. ``method`` forces ``lags`` or ``patches`` (default: by the count, per box).
     """
     full = out is None
     channels = x.shape[1] // params.groups
     taps = prod(params.kernel_size)
     if full:
         out = x.new_zeros(channels * taps, channels * taps)
-    live = _live_taps(x.shape[2:], params)
-    if live is None:
+    boxes = _tap_boxes(x.shape[2:], params)
+    if boxes is None:
         _covariance(x, params, out, alpha, method, scratch)
-    elif all(len(r) for r in live):
-        sub = ConvParams(
-            tuple(len(r) for r in live),
-            params.stride,
-            tuple(
-                (left - r[0] * d, right - (k - 1 - r[-1]) * d)
-                for r, k, d, (left, right) in zip(
-                    live, params.kernel_size, params.dilation, params.pads()
-                )
-            ),
-            params.dilation,
-            params.groups,
-        )
-        part = _covariance(
-            x,
-            sub,
-            x.new_zeros(channels * prod(sub.kernel_size), channels * prod(sub.kernel_size)),
-            alpha,
-            method,
-            scratch,
-        )
-        index = torch.tensor(
-            [
-                int(sum(k * step for k, step in zip(tap, _strides(params.kernel_size))))
-                for tap in itertools.product(*live)
-            ]
-        )
+    for outs, box_taps in _cheaper_plan(x.shape, params, boxes or [], method, split):
+        crop, sub = _box_problem(x, params, outs, box_taps)
+        if prod(sub.kernel_size) == taps:  # every tap: straight into out
+            _covariance(crop, sub, out, alpha, method, scratch)
+            continue
+        width = channels * prod(sub.kernel_size)
+        part = scratch_buffer(scratch, "box", (width, width), x).zero_()
+        _covariance(crop, sub, part, alpha, method, scratch)
+        index = [
+            sum(k * step for k, step in zip(tap, _strides(params.kernel_size)))
+            for tap in itertools.product(*box_taps)
+        ]
         dense = out.view(taps, channels, taps, channels)
         pieces = part.view(len(index), channels, len(index), channels)
-        for a, ta in enumerate(index.tolist()):
+        for a, ta in enumerate(index):
             for b in range(a, len(index)):
                 dense[ta, :, index[b], :].add_(pieces[a, :, b, :])
     if not full:
@@ -374,25 +374,104 @@ def conv_covariance(
     return reordered_rows(mirror_(out), tap_order(channels, taps, False, out.device))
 
 
+Box = tuple[tuple[range, ...], tuple[range, ...]]  # outputs and taps, one range per dim
+
+
+def _tap_boxes(size: Sequence[int], params: ConvParams) -> list[Box] | None:
+    """Zero padding: the outputs split into boxes (one range of outputs per dim) inside
+    which the same taps read inputs, each with those taps (a range per dim); boxes whose
+    taps all read padding are left out. ``None`` for other padding modes."""
+    if params.padding_mode != "zeros":
+        return None
+    per_dim = []
+    for i, k, s, d, (left, _), o in zip(
+        size,
+        params.kernel_size,
+        params.stride,
+        params.dilation,
+        params.pads(),
+        params.output_size(size),
+    ):
+        cuts = {0, o}
+        for j in range(k):  # tap j reads an input at outputs first..end-1
+            first, end = -(-(left - j * d) // s), (i - 1 + left - j * d) // s + 1
+            cuts.update(v for v in (first, end) if 0 < v < o)
+        classes = []
+        for a, b in itertools.pairwise(sorted(cuts)):  # the taps reading an input: a range
+            reading = [j for j in range(k) if 0 <= a * s + j * d - left <= i - 1]
+            taps = range(reading[0], reading[-1] + 1) if reading else range(0)
+            classes.append((range(a, b), taps))
+        per_dim.append(classes)
+    boxes = [tuple(zip(*combo)) for combo in itertools.product(*per_dim)]
+    return [(outs, taps) for outs, taps in boxes if all(len(t) for t in taps)]
+
+
+def _cheaper_plan(
+    shape: Sequence[int],
+    params: ConvParams,
+    boxes: list[Box],
+    method: str | None,
+    split: bool | None = None,
+) -> list[Box]:
+    """``boxes``, or one box of every output with the taps any of them reads (padding
+    multiplied where it is read), whichever the operation count says is cheaper (or
+    ``split`` says)."""
+    if len(boxes) <= 1 or split:
+        return boxes
+    n = len(params.kernel_size)
+    whole: Box = (
+        tuple(range(o) for o in params.output_size(shape[2:])),
+        tuple(
+            range(min(b[1][m].start for b in boxes), max(b[1][m].stop for b in boxes))
+            for m in range(n)
+        ),
+    )
+
+    def cost(box: Box) -> float:
+        crop, sub = _box_params(shape[2:], params, *box)
+        costs = _expand_costs((shape[0], shape[1], *(c.stop - c.start for c in crop)), sub)
+        taps = prod(sub.kernel_size)
+        width = shape[1] // params.groups * taps
+        scatter = 0 if taps == prod(params.kernel_size) else 2 * width * width  # zero, add
+        compute = costs[method] if method in costs else min(costs.values())
+        return compute + BOX_OVERHEAD_FLOPS + scatter * ELEMENT_PASS_FLOPS
+
+    if split is False or cost(whole) <= sum(cost(b) for b in boxes):
+        return [whole]
+    return boxes
+
+
+def _box_params(
+    size: Sequence[int], params: ConvParams, outs: tuple[range, ...], taps: tuple[range, ...]
+) -> tuple[tuple[slice, ...], ConvParams]:
+    """The input crop and the convolution whose expand patches are those of outputs
+    ``outs`` over taps ``taps`` (padding kept only where those still read it)."""
+    crop, pads = [], []
+    for i, s, d, (left, _), o, t in zip(
+        size, params.stride, params.dilation, params.pads(), outs, taps
+    ):
+        start = o.start * s + t.start * d - left
+        end = (o.stop - 1) * s + (t.stop - 1) * d - left + 1
+        lo, hi = max(0, start), min(i, end)
+        crop.append(slice(lo, hi))
+        pads.append((lo - start, end - hi))
+    sub = ConvParams(
+        tuple(len(t) for t in taps), params.stride, tuple(pads), params.dilation, params.groups
+    )
+    return tuple(crop), sub
+
+
+def _box_problem(
+    x: Tensor, params: ConvParams, outs: tuple[range, ...], taps: tuple[range, ...]
+) -> tuple[Tensor, ConvParams]:
+    """:func:`_box_params` applied to ``x: [B, C, *I]``."""
+    crop, sub = _box_params(x.shape[2:], params, outs, taps)
+    return x[(slice(None), slice(None), *crop)], sub
+
+
 def _strides(kernel: Sequence[int]) -> list[int]:
     """Row-major strides of a tap index ``(k_1, ..., k_N)``."""
     return [prod(kernel[n + 1 :]) for n in range(len(kernel))]
-
-
-def _live_taps(size: Sequence[int], params: ConvParams) -> list[range] | None:
-    """Per dim, the taps that read an input (zero padding), or ``None`` if all do."""
-    if params.padding_mode != "zeros":
-        return None
-    out_size = params.output_size(size)
-    live = []
-    for i, k, s, d, (left, _), o in zip(
-        size, params.kernel_size, params.stride, params.dilation, params.pads(), out_size
-    ):
-        reading = [j for j in range(k) if j * d - left <= i - 1 and (o - 1) * s + j * d - left >= 0]
-        live.append(range(reading[0], reading[-1] + 1) if reading else range(0))
-    if all(len(r) == k for r, k in zip(live, params.kernel_size)):
-        return None
-    return live
 
 
 def _covariance(x: Tensor, params: ConvParams, out: Tensor, alpha: float, method, scratch):
