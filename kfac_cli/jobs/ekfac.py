@@ -209,11 +209,15 @@ class Corrections:
         conventions = acc.agreed
         basis = split_eigenbasis(q_a, vals_a)
         budget = acc.job.chunk_bytes // acc.dtype.itemsize
+        rows = _RowsBuffer(w.d if basis.unit_cols.numel() else basis.live.shape[0])
         for f, keys, s0, s1, groups in self._chunks(w):
             acc.ranks.check()
             reads = self._row_reads(f, keys, s0, s1, groups)
             n = s1 - s0
-            a = _joined([self._inputs(next(reads), conv, joint, n, check) for _ in keys], 1)
+            if len(keys) == 1:  # written zero-padded into the layer's reused buffer
+                a = self._inputs(next(reads), conv, joint, n, check, rows)
+            else:
+                a = _joined([self._inputs(next(reads), conv, joint, n, check) for _ in keys], 1)
             alpha = loss_correction(
                 conventions.loss_reduction,
                 acc.batches[f],
@@ -247,11 +251,15 @@ class Corrections:
             acc.ranks.sum_(total)
         return sums
 
-    def _inputs(self, read: tuple, conv, joint: bool, n: int, check: bool):
+    def _inputs(self, read: tuple, conv, joint: bool, n: int, check: bool, rows=None):
         """One key's activations of a chunk (``read``: from :meth:`_row_reads`) as
-        ``[n, S_key, D]`` rows."""
+        ``[n, S_key, D]`` rows (in ``rows``, a :class:`_RowsBuffer`: zero-padded)."""
         x = self._take(read, check)
-        return sample_inputs(x, conv, joint, read[3][0] // n)
+        fold = read[3][0] // n
+        if rows is None:
+            return sample_inputs(x, conv, joint, fold)
+        s = locations(x.shape, conv)
+        return sample_inputs(x, conv, joint, fold, rows.get((x.shape[0], s), x))
 
     def _gradients(self, read: tuple, conv, n: int, check: bool):
         """One key's gradients of one vector as ``[1, n, S_key, C_out]``."""
@@ -273,6 +281,20 @@ class Corrections:
             x = x.clone()
         acc.prefetch.release(buf)
         return x
+
+
+class _RowsBuffer:
+    """One layer's reused buffer of a chunk's rows ``[rows, S, width]``, its columns past
+    the rows' width zero (padding the products want, see :func:`padded_width`)."""
+
+    def __init__(self, width: int) -> None:
+        self.width, self.buf = width, None
+
+    def get(self, lead: tuple[int, int], like: torch.Tensor) -> torch.Tensor:
+        n = math.prod(lead) * self.width
+        if self.buf is None or self.buf.numel() < n:
+            self.buf = like.new_zeros(n)
+        return self.buf[:n].view(*lead, self.width)
 
 
 def _flush(partial: dict[str, torch.Tensor], sums: dict[str, torch.Tensor]) -> int:

@@ -39,7 +39,13 @@ ELEMENT_FLOPS = 8
 GEMM_ALIGN = 16
 
 
-def sample_inputs(x: Tensor, params: ConvParams | None, bias_column: bool, fold: int) -> Tensor:
+def sample_inputs(
+    x: Tensor,
+    params: ConvParams | None,
+    bias_column: bool,
+    fold: int,
+    out: Tensor | None = None,
+) -> Tensor:
     """The rows ``a`` of each sample's per-example gradient, ``[n, S, D (+1)]``.
 
     Args:
@@ -48,7 +54,19 @@ def sample_inputs(x: Tensor, params: ConvParams | None, bias_column: bool, fold:
         bias_column: Append the joint bias's ones column.
         fold: Rows of ``x`` per sample (windows of a folded batch; else 1): ``S`` counts
             every location of all of them.
+        out: A reused buffer ``[n·fold, S/fold, W]``, ``W >= D``, whose columns past ``D``
+            are zero: the rows are written into it and returned zero-padded to ``W``
+            (what :func:`add_corrections` pads them to), ``[n, S, W]``.
     """
+    if out is not None:
+        d = (x.shape[-1] if params is None else params.patch_size(x.shape[1])) + bias_column
+        if params is None:
+            out[..., : d - bias_column].copy_(x.reshape(out.shape[0], -1, x.shape[-1]))
+            if bias_column:
+                out[..., d - 1] = 1
+        else:
+            conv_patches(x, params, bias_column, out=out[..., :d])
+        return out.reshape(x.shape[0] // fold, -1, out.shape[-1])
     rows = (
         linear_patches(x, bias_column) if params is None else conv_patches(x, params, bias_column)
     )
@@ -111,8 +129,8 @@ def add_corrections(
         out: ``[D1, D2]`` (a weight or joint block) or ``[D1]`` (a bias block), any float
             dtype: in ``g``'s, squares are added to it as they come (fastest; a float32
             partial of a few samples), in another (float64 for long sums) once per call.
-        a: ``[n, S, D2]`` (:func:`sample_inputs`), or ``None`` for a bias block, whose
-            per-example gradient is ``Σ_s g_s``.
+        a: ``[n, S, D2]`` (:func:`sample_inputs`), or zero-padded to ``[n, S, W]``, or
+            ``None`` for a bias block, whose per-example gradient is ``Σ_s g_s``.
         g: ``[V, n, S, D1]`` (:func:`sample_gradients`).
         q_g: ``G``'s eigenvectors ``[D1, D1]`` (columns), in ``g``'s dtype.
         q_a: ``A``'s eigenvectors ``[D2, D2]``, or zero-padded to ``[W, W]``, ``W > D2``
@@ -130,10 +148,10 @@ def add_corrections(
         out.add_(rotated.square_().sum((0, 1)), alpha=alpha)
         return out
     vectors, n, s, d1 = g.shape
-    d2 = a.shape[-1]
+    d2 = out.shape[-1]
     method = method or strategy(s, d1, d2, vectors)
-    if q_a is not None and q_a.shape[0] > d2:
-        a = torch.nn.functional.pad(a, (0, q_a.shape[0] - d2))
+    if q_a is not None and q_a.shape[0] > a.shape[-1]:
+        a = torch.nn.functional.pad(a, (0, q_a.shape[0] - a.shape[-1]))
     if method == "gramian":
         out.add_(_gramian(a if q_a is None else a @ q_a, g @ q_g)[:, :d2], alpha=alpha)
         return out

@@ -74,8 +74,9 @@ def conv_patches(
         x: Input ``[B, C_in, I_1..I_N]``.
         params: The convolution's hyper-parameters (N = ``params.ndim``).
         bias_column: Append a column of ones.
-        out: Optional contiguous buffer of the result's shape and dtype to write into
-            (reusing one buffer avoids the cost of touching fresh memory).
+        out: Optional buffer of the result's shape and dtype to write into (reusing one
+            buffer avoids the cost of touching fresh memory); its rows may be columns of a
+            wider one (``wide[..., :D]``).
         taps_first: Columns ``(k_1, ..., k_N, c)`` instead of the format's ``(c, k_1, ...,
             k_N)`` (the order factor sums accumulate in).
 
@@ -91,8 +92,8 @@ def conv_patches(
     if out is None:
         out = _with_bias_column((*shape[:2], cols), bias_column, x)
     else:
-        if tuple(out.shape) != shape or out.dtype != x.dtype or not out.is_contiguous():
-            raise ValueError(f"out must be a contiguous {x.dtype} tensor of shape {shape}")
+        if tuple(out.shape) != shape or out.dtype != x.dtype or out.stride(-1) != 1:
+            raise ValueError(f"out must be a {x.dtype} tensor of shape {shape}, rows dense")
         if bias_column:
             out[..., -1] = 1
     if taps_first:  # the same [B, O.., C, K..] view of columns (k.., c)
