@@ -317,7 +317,7 @@ def _expand_costs(shape: Sequence[int], params: ConvParams) -> dict[str, float]:
     lags = (prod(2 * k - 1 for k in params.kernel_size) + 1) // 2
     edge = sum((k - 1) * dd / i for i, k, dd in zip(gapped, params.kernel_size, params.dilation))
     pairs = prod(params.kernel_size) ** 2 // 2
-    lag_flops = lags * batch * prod(gapped) * channels**2 * (1 + 2 * edge)
+    lag_flops = lags * batch * prod(gapped) * channels**2 * (1 + edge)
     costs["lags"] = lag_flops + pairs * (2 ** len(size)) * (channels**2 + OP_OVERHEAD_FLOPS)
     return costs
 
@@ -352,14 +352,17 @@ def conv_covariance(
     boxes = _tap_boxes(x.shape[2:], params)
     if boxes is None:
         _covariance(x, params, out, alpha, method, scratch)
-    for outs, box_taps in _cheaper_plan(x.shape, params, boxes or [], method, split):
+    plan = _cheaper_plan(x.shape, params, boxes or [], method, split)
+    # boxes of a split: patches (the lags' edges would be most of a small box's sums)
+    box_method = method or ("patches" if len(plan) > 1 else None)
+    for outs, box_taps in plan:
         crop, sub = _box_problem(x, params, outs, box_taps)
         if prod(sub.kernel_size) == taps:  # every tap: straight into out
-            _covariance(crop, sub, out, alpha, method, scratch)
+            _covariance(crop, sub, out, alpha, box_method, scratch)
             continue
         width = channels * prod(sub.kernel_size)
         part = scratch_buffer(scratch, "box", (width, width), x).zero_()
-        _covariance(crop, sub, part, alpha, method, scratch)
+        _covariance(crop, sub, part, alpha, box_method, scratch)
         index = [
             sum(k * step for k, step in zip(tap, _strides(params.kernel_size)))
             for tap in itertools.product(*box_taps)
@@ -433,7 +436,7 @@ def _cheaper_plan(
         taps = prod(sub.kernel_size)
         width = shape[1] // params.groups * taps
         scatter = 0 if taps == prod(params.kernel_size) else 2 * width * width  # zero, add
-        compute = costs[method] if method in costs else min(costs.values())
+        compute = costs[method or ("patches" if box is not whole else min(costs, key=costs.get))]
         return compute + BOX_OVERHEAD_FLOPS + scatter * ELEMENT_PASS_FLOPS
 
     if split is False or cost(whole) <= sum(cost(b) for b in boxes):
