@@ -10,6 +10,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 from torch import nn
 
+from kfac_cli.jobs.factors import run_factors
 from kfac_cli.jobs.stats import run_stats
 from kfac_cli.ops.eigh import factor_eigh
 from kfac_cli.ops.ekfac import (
@@ -276,6 +277,27 @@ def test_sharded_ekfac_equals_one_run(shards, tmp_path):
         torch.testing.assert_close(value, load_file(merged)[key], rtol=0, atol=0)
     proc = invoke("stats", lean)
     assert proc.returncode == 1 and "--eigenbasis" in proc.stderr.decode()
+
+
+def test_corrections_flushed_to_float64_equal_one_partial_sum(shards, tmp_path, monkeypatch):
+    """Samples summed in the accumulation dtype, moved into float64 totals every
+    FLUSH_SAMPLES samples: flushing after every sample gives the same corrections."""
+    from kfac_cli.jobs import ekfac as job
+
+    pt2, acts, grads = shards
+    basis = tmp_path / "basis.safetensors"
+    _factors(pt2, acts, grads, basis, "--eigh")
+    kept = tmp_path / "kept.safetensors"
+    run_factors(str(pt2), [str(a) for a in acts], kept, grads=[str(g) for g in grads],
+                eigenbasis=str(basis))  # fmt: skip
+    monkeypatch.setattr(job, "FLUSH_SAMPLES", 1)
+    flushed = tmp_path / "flushed.safetensors"
+    run_factors(str(pt2), [str(a) for a in acts], flushed, grads=[str(g) for g in grads],
+                eigenbasis=str(basis))  # fmt: skip
+    expected, got = load_file(kept), load_file(flushed)
+    assert expected.keys() == got.keys() and expected
+    for key, value in expected.items():
+        torch.testing.assert_close(got[key], value, rtol=1e-6, atol=1e-6 * value.abs().max())
 
 
 def test_ekfac_misuse_gets_one_line(shards, tmp_path):

@@ -187,24 +187,25 @@ class Corrections:
                 yield Read(f"{src.path}:{key}", rows, nbytes, read)
 
     def layer(self, w, layer_meta: dict, q_a, q_g, vals_a, check: bool):
-        """Each block's corrections ``{key: [C_out, D] or [C_out]}`` (float64), summed over
-        this rank's samples and then over the ranks; ``q_a``, ``q_g``: the eigenvectors
-        (columns) in the accumulation dtype on the device, ``vals_a`` ``A``'s eigenvalues
-        (exact zeros: unit eigenvectors); ``check``: count NaN/Inf (a
-        pass of its own: no factors were summed from these reads)."""
+        """Each block's corrections ``{key: [C_out, D] or [C_out]}`` (float64 for more than
+        :data:`FLUSH_SAMPLES` samples), summed over this rank's samples, then over the
+        ranks; ``q_a``, ``q_g``: the eigenvectors (columns) in the accumulation dtype on
+        the device, ``vals_a`` ``A``'s eigenvalues (exact zeros: unit eigenvectors);
+        ``check``: count NaN/Inf (a pass of its own: no factors were summed from these
+        reads)."""
         acc = self.acc
         conv, device = w.layer.conv, acc.stage.device
         blocks = block_keys(layer_meta)
         joint = layer_meta["bias_column"]
-        sums = {
+        # Chunks add into partial sums in the accumulation dtype; every FLUSH_SAMPLES
+        # samples those move into float64 totals (made only for so many samples).
+        partial = {
             key: torch.zeros(
-                (w.c_out, w.d) if weight else (w.c_out,), dtype=torch.float64, device=device
+                (w.c_out, w.d) if weight else (w.c_out,), dtype=acc.dtype, device=device
             )
             for key, weight in blocks
         }
-        # Chunks add into partial sums in the accumulation dtype, flushed into the float64
-        # sums every FLUSH_SAMPLES samples (the squares are added as they come).
-        partial = {key: torch.zeros_like(total, dtype=acc.dtype) for key, total in sums.items()}
+        sums: dict[str, torch.Tensor] = {}
         pending = 0
         conventions = acc.agreed
         basis = split_eigenbasis(q_a, vals_a)
@@ -241,7 +242,10 @@ class Corrections:
             pending += n
             if pending >= FLUSH_SAMPLES:
                 pending = _flush(partial, sums)
-        _flush(partial, sums)
+        if sums:
+            _flush(partial, sums)
+        else:  # few samples: the partial sums are the totals
+            sums = partial
         if check:
             for sources in (acc.acts, acc.grads):
                 for src in sources:
@@ -298,9 +302,13 @@ class _RowsBuffer:
 
 
 def _flush(partial: dict[str, torch.Tensor], sums: dict[str, torch.Tensor]) -> int:
-    """Add each partial sum to its float64 total and zero it; 0 samples pending."""
+    """Add each partial sum to its float64 total (made at the first flush) and zero it;
+    0 samples pending."""
     for key, part in partial.items():
-        sums[key] += part
+        if key in sums:
+            sums[key] += part
+        else:
+            sums[key] = part.to(torch.float64, copy=True)
         part.zero_()
     return 0
 

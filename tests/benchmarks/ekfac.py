@@ -77,30 +77,26 @@ save_file(out, out_file)
 WORKER = r"""
 import json, sys, time, torch
 from kfac_cli.jobs.factors import run_factors
-anchor_code, repeats, model, basis, out1, out2, anchor_argv, *files = sys.argv[1:]
+which, anchor_code, model, basis, out1, out2, anchor_argv, *files = sys.argv[1:]
 acts, grads = files[: len(files) // 2], files[len(files) // 2 :]
 torch.set_num_threads(1)
-times = {"kfac-cli pass 1 (factors)": [], "kfac-cli pass 2 (corrections)": [], "anchor": []}
-for _ in range(int(repeats)):
-    start = time.perf_counter()
+start = time.perf_counter()
+if which == "pass 1":
     run_factors(model, acts, out1, grads=grads, force=True)
-    times["kfac-cli pass 1 (factors)"].append(time.perf_counter() - start)
-    start = time.perf_counter()
+elif which == "pass 2":
     run_factors(model, acts, out2, grads=grads, force=True, eigenbasis=basis)
-    times["kfac-cli pass 2 (corrections)"].append(time.perf_counter() - start)
-    if anchor_code:
-        sys.argv = ["anchor", *json.loads(anchor_argv)]
-        start = time.perf_counter()
-        exec(compile(open(anchor_code).read(), "anchor", "exec"), {})
-        times["anchor"].append(time.perf_counter() - start)
-print(json.dumps(times))
+else:
+    sys.argv = ["anchor", *json.loads(anchor_argv)]
+    exec(compile(open(anchor_code).read(), "anchor", "exec"), {})
+print(time.perf_counter() - start)
 """
 
 
 def bench_ekfac(folder: Path, args, env: dict, report: dict, timed, fresh, fmt) -> None:
-    """Pass 1, pass 2 and the anchor in one process after `import torch`, alternating
-    (their work, not three interpreters' start-up); then each as a process once, for its
-    peak RSS; then the eigendecompositions."""
+    """Pass 1, pass 2 and the anchor alternating, each run a process of its own timed after
+    `import torch` (their work, not three interpreters' start-up, and none running in
+    memory another left behind); then each as a process once, for its peak RSS; then the
+    eigendecompositions."""
     from tests.benchmarks.factors import _shards
     from tests.benchmarks.run import _has_curvlinops
 
@@ -115,10 +111,17 @@ def bench_ekfac(folder: Path, args, env: dict, report: dict, timed, fresh, fmt) 
     anchor_file = folder / "anchor.py"
     anchor_file.write_text(ANCHOR)
     anchor_argv = [str(spec), str(basis), str(anchor_out), *acts, *grads]
-    worker = [sys.executable, "-c", WORKER, str(anchor_file) if _has_curvlinops() else "",
-              str(args.repeats), str(model), str(basis), str(out1), str(out2),
-              json.dumps(anchor_argv), *acts, *grads]  # fmt: skip
-    times = json.loads(subprocess.run(worker, check=True, env=env, capture_output=True).stdout)
+    names = {"pass 1": "kfac-cli pass 1 (factors)", "pass 2": "kfac-cli pass 2 (corrections)",
+             "anchor": "anchor"}  # fmt: skip
+    which = list(names) if _has_curvlinops() else ["pass 1", "pass 2"]
+    times: dict[str, list[float]] = {names[w]: [] for w in which}
+    for _ in range(args.repeats):  # each run a process of its own, timed after import torch
+        for w in which:
+            fresh((out1, out2, anchor_out))  # no output replaced (its unlink) inside the time
+            worker = [sys.executable, "-c", WORKER, w, str(anchor_file), str(model), str(basis),
+                      str(out1), str(out2), json.dumps(anchor_argv), *acts, *grads]  # fmt: skip
+            run = subprocess.run(worker, check=True, env=env, capture_output=True, text=True)
+            times[names[w]].append(float(run.stdout.split()[-1]))
     processes = {
         "kfac-cli pass 1 (factors)": [kfac, "factors", str(model), *acts, "--grads", *grads,
                                       "-o", str(out1), *common],
@@ -128,8 +131,9 @@ def bench_ekfac(folder: Path, args, env: dict, report: dict, timed, fresh, fmt) 
     }  # fmt: skip
     bare = timed([sys.executable, "-c", "import torch"], env)[1]
     print(
-        f"\nEKFAC over {len(acts)} shards ({args.threads} thread(s), {args.repeats} runs in one "
-        "process after `import torch`; peak RSS of one process run above `import torch`):"
+        f"\nEKFAC over {len(acts)} shards ({args.threads} thread(s), {args.repeats} runs, each "
+        "a process timed after `import torch`; peak RSS of one process run above `import "
+        "torch`):"
     )
     for name, t in times.items():
         if not t:
