@@ -847,13 +847,15 @@ class _Accumulator:
                 a_fold.add(rows, 1.0 / self.n)
         else:
             a = a_sum().zero_()
-            for samples, info, x, check in self._chunks_of(w, grads=False):
-                check()
+
+            def a_scale(samples: int, info) -> float:
                 # per sample: its rows' locations, and the rows a leading axis folds into
                 # one sample (Swin's windows; 1 for an input computed once per batch)
                 lead = info.shape[0]
                 fold = lead // samples if lead % samples == 0 else 1
-                alpha = 1.0 / (locations(info.shape, conv) * fold * self.n)
+                return 1.0 / (locations(info.shape, conv) * fold * self.n)
+
+            for x, alpha in self._coalesced(self._chunks_of(w, grads=False), a_scale, 0):
                 input_covariance(
                     x, conv, self.approx, bias, out=a, alpha=alpha, scratch=self.scratch
                 )
@@ -862,21 +864,24 @@ class _Accumulator:
                 g_fold = RowGram(g_sum, rows_per_fold(w.c_out), self.scratch, "g_rows")
             else:
                 g = g_sum().zero_()
-            for samples, _, grad, check in self._chunks_of(w, grads=True):
-                c = loss_correction(
+
+            def g_scale(samples: int, _) -> float:
+                return loss_correction(
                     self.agreed.loss_reduction,
                     samples,
                     self.agreed.terms,
                     self.n,
                     self.agreed.mc_samples,
                 )
-                rows = gradient_rows(grad, conv is not None, self.approx)
-                if reduce:  # a reduce row sums every location of its sample
-                    check(rows)
-                    g_fold.add(rows, c)
-                else:
-                    check()
-                    gram(rows, g, c)
+
+            if reduce:
+                for samples, info, grad, check in self._chunks_of(w, grads=True):
+                    rows = gradient_rows(grad, conv is not None, self.approx)
+                    check(rows)  # a reduce row sums every location of its sample
+                    g_fold.add(rows, g_scale(samples, info))
+            else:
+                for grad, c in self._coalesced(self._chunks_of(w, grads=True), g_scale, 1):
+                    gram(gradient_rows(grad, conv is not None, self.approx), g, c)
         factors = {"A": a_fold.finish() if reduce else a}
         if self.grads:
             factors["G"] = g_fold.finish() if reduce else g
@@ -901,6 +906,26 @@ class _Accumulator:
                 vals, vecs = factor_eigh(full, None, key)
                 self.done[f"{key}.eigenvalues"] = vals
                 self.done[f"{key}.eigenvectors"] = vecs
+
+    def _coalesced(self, chunks, scale, dim: int):
+        """``(tensor, scale)`` of a layer's chunks (:meth:`_chunks_of`, each checked),
+        consecutive small ones of one shape and scale joined along ``dim`` up to a chunk's
+        bytes (the shards of a few samples each: a sum's fixed cost paid once, not per
+        file); ``scale(samples, info)`` is a chunk's."""
+        limit, group, size, last = self.job.chunk_bytes, [], 0, None
+        for samples, info, x, check in chunks:
+            check()
+            tag = (scale(samples, info), x.shape[:dim], x.shape[dim + 1 :])
+            if group and (tag != last or size + x.nbytes > limit):
+                yield torch.cat(group, dim) if len(group) > 1 else group[0], last[0]
+                group, size = [], 0
+            if x.nbytes * 2 > limit:  # large: summed as it is, from the reader's buffer
+                yield x, tag[0]
+                continue
+            group.append(x.clone())  # (its buffer goes back to the reader)
+            size, last = size + x.nbytes, tag
+        if group:
+            yield torch.cat(group, dim) if len(group) > 1 else group[0], last[0]
 
     def _check_fits(self, key: str, factor: torch.Tensor) -> None:
         """A factor of finite inputs is finite, or its sums overflowed the dtype.
