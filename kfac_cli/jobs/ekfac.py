@@ -142,17 +142,15 @@ class Corrections:
             act, grad, samples = acc.acts[f], acc.grads[f], acc.batches[f]
             keys = act.order(w.keys)
             vectors = grad.infos[keys[0]].shape[0]
-            s = raw = 0
+            s = 0
             for key in keys:
-                info, ginfo = act.infos[key], grad.infos[key]
-                fold = info.shape[0] // samples
-                s += fold * locations(info.shape, w.layer.conv)
-                raw += fold * (math.prod(info.shape[1:]) + vectors * math.prod(ginfo.shape[2:]))
+                info = act.infos[key]
+                s += info.shape[0] // samples * locations(info.shape, w.layer.conv)
             group = vectors
             if s * vectors * w.c_out > budget // 2:  # one sample's gradients are large
                 group = max(1, budget // 2 // max(s * w.c_out, 1))
             method = strategy(s, w.c_out, w.d, group)
-            per = chunk_samples(s, w.c_out, w.d, group, max(budget - raw, budget // 2), method)
+            per = chunk_samples(s, w.c_out, w.d, group, budget, method)
             groups = [range(v, min(v + group, vectors)) for v in range(0, vectors, group)]
             for s0 in range(start, stop, per):
                 yield f, keys, s0, min(stop, s0 + per), groups
