@@ -133,11 +133,15 @@ class Corrections:
         self.acc = acc
 
     def _chunks(self, w):
-        """``(file, keys, first sample, end sample, vector groups)`` of a layer: a layer
-        called several times (several dump keys) sums every call into one per-example
-        gradient, so each chunk holds the same samples of all its keys."""
+        """``(parts, keys, vector groups)`` of a layer's chunks, ``parts`` a list of
+        ``(file, first sample, end sample)``: a layer called several times (several dump
+        keys) sums every call into one per-example gradient, so each chunk holds the same
+        samples of all its keys; consecutive files' samples of one key, shape and loss
+        scale share a chunk up to its size (shards of a few samples each: larger products
+        at the GEMM kernels' rate)."""
         acc = self.acc
         budget = acc.job.chunk_bytes // acc.dtype.itemsize
+        held, held_groups, tag, size = [], [], None, 0
         for f, start, stop in acc.units:
             act, grad, samples = acc.acts[f], acc.grads[f], acc.batches[f]
             keys = act.order(w.keys)
@@ -152,28 +156,53 @@ class Corrections:
             method = strategy(s, w.c_out, w.d, group)
             per = chunk_samples(s, w.c_out, w.d, group, budget, method)
             groups = [range(v, min(v + group, vectors)) for v in range(0, vectors, group)]
+            shapes = tuple((act.infos[k].shape[0] // samples, act.infos[k].shape[1:]) for k in keys)
+            mine = (keys, shapes, vectors, self._alpha(f), per)
             for s0 in range(start, stop, per):
-                yield f, keys, s0, min(stop, s0 + per), groups
+                s1 = min(stop, s0 + per)
+                joinable = len(keys) == 1 and len(groups) == 1 and mine == tag
+                if held and not (joinable and size + s1 - s0 <= per):
+                    yield held, tag[0], held_groups
+                    held, size = [], 0
+                held.append((f, s0, s1))
+                held_groups, tag, size = groups, mine, size + s1 - s0
+        if held:
+            yield held, tag[0], held_groups
 
-    def _row_reads(self, f: int, keys: list[str], s0: int, s1: int, groups):
-        """``(source, key, rows, shape, row length)`` of one chunk: each key's activations, then per
-        vector each key's gradients (rows of ``[V·B·fold, -1]``)."""
+    def _alpha(self, f: int) -> float:
+        """The loss correction ``c`` of file ``f``'s samples."""
+        conventions = self.acc.agreed
+        return loss_correction(
+            conventions.loss_reduction,
+            self.acc.batches[f],
+            conventions.terms,
+            self.acc.n,
+            conventions.mc_samples,
+        )
+
+    def _row_reads(self, parts, keys: list[str], groups):
+        """``(source, key, rows, shape, row length)`` of one chunk: each part's activations
+        of each key, then per vector each part's gradients of each key (rows of
+        ``[V·B·fold, -1]``)."""
         acc = self.acc
-        act, grad, samples = acc.acts[f], acc.grads[f], acc.batches[f]
-        for key in keys:
-            info = act.infos[key]
-            k = info.shape[0] // samples
-            shape = (k * (s1 - s0), *info.shape[1:])
-            yield act, key, (k * s0, k * s1), shape, math.prod(shape[1:])
+        for f, s0, s1 in parts:
+            act, samples = acc.acts[f], acc.batches[f]
+            for key in keys:
+                info = act.infos[key]
+                k = info.shape[0] // samples
+                shape = (k * (s1 - s0), *info.shape[1:])
+                yield act, key, (k * s0, k * s1), shape, math.prod(shape[1:])
         for group in groups:
             for v in group:
-                for key in keys:
-                    ginfo = grad.infos[key]
-                    lead = ginfo.shape[1]
-                    k = lead // samples
-                    rows = (v * lead + k * s0, v * lead + k * s1)
-                    shape = (1, k * (s1 - s0), *ginfo.shape[2:])
-                    yield grad, key, rows, shape, math.prod(shape[2:])
+                for f, s0, s1 in parts:
+                    grad, samples = acc.grads[f], acc.batches[f]
+                    for key in keys:
+                        ginfo = grad.infos[key]
+                        lead = ginfo.shape[1]
+                        k = lead // samples
+                        rows = (v * lead + k * s0, v * lead + k * s1)
+                        shape = (1, k * (s1 - s0), *ginfo.shape[2:])
+                        yield grad, key, rows, shape, math.prod(shape[2:])
 
     def reads(self, w):
         """The :class:`Read` of every chunk of a layer's second pass, in the order
@@ -205,29 +234,32 @@ class Corrections:
         }
         sums: dict[str, torch.Tensor] = {}
         pending = 0
-        conventions = acc.agreed
         basis = split_eigenbasis(q_a, vals_a)
         budget = acc.job.chunk_bytes // acc.dtype.itemsize
         rows = _RowsBuffer(w.d if basis.unit_cols.numel() else basis.live.shape[0])
-        for f, keys, s0, s1, groups in self._chunks(w):
+        for parts, keys, groups in self._chunks(w):
             acc.ranks.check()
-            reads = self._row_reads(f, keys, s0, s1, groups)
-            n = s1 - s0
+            reads = self._row_reads(parts, keys, groups)
+            sizes = [s1 - s0 for _, s0, s1 in parts]
+            n = sum(sizes)
             if len(keys) == 1:  # written zero-padded into the layer's reused buffer
-                a = self._inputs(next(reads), conv, joint, n, check, rows)
-            else:
+                a = self._rows(reads, sizes, conv, joint, check, rows)
+            else:  # (one part)
                 a = _joined([self._inputs(next(reads), conv, joint, n, check) for _ in keys], 1)
-            alpha = loss_correction(
-                conventions.loss_reduction,
-                acc.batches[f],
-                conventions.terms,
-                acc.n,
-                conventions.mc_samples,
-            )
+            alpha = self._alpha(parts[0][0])
             for group in groups:
                 g = _joined(
                     [
-                        _joined([self._gradients(next(reads), conv, n, check) for _ in keys], 2)
+                        _joined(
+                            [
+                                _joined(
+                                    [self._gradients(next(reads), conv, m, check) for _ in keys],
+                                    2,
+                                )
+                                for m in sizes
+                            ],
+                            1,
+                        )
                         for _ in group
                     ],
                     0,
@@ -253,15 +285,22 @@ class Corrections:
             acc.ranks.sum_(total)
         return sums
 
-    def _inputs(self, read: tuple, conv, joint: bool, n: int, check: bool, rows=None):
+    def _inputs(self, read: tuple, conv, joint: bool, n: int, check: bool):
         """One key's activations of a chunk (``read``: from :meth:`_row_reads`) as
-        ``[n, S_key, D]`` rows (in ``rows``, a :class:`_RowsBuffer`: zero-padded)."""
-        x = self._take(read, check)
-        fold = read[3][0] // n
-        if rows is None:
-            return sample_inputs(x, conv, joint, fold)
-        s = locations(x.shape, conv)
-        return sample_inputs(x, conv, joint, fold, rows.get((x.shape[0], s), x))
+        ``[n, S_key, D]`` rows."""
+        return sample_inputs(self._take(read, check), conv, joint, read[3][0] // n)
+
+    def _rows(self, reads, sizes: list[int], conv, joint: bool, check: bool, rows):
+        """The one key's activations of each part of a chunk (``sizes``: its samples) as
+        ``[n, S, W]`` rows, written zero-padded into ``rows`` (a :class:`_RowsBuffer`)."""
+        xs = [self._take(next(reads), check) for _ in sizes]
+        fold = xs[0].shape[0] // sizes[0]
+        out = rows.get((sum(x.shape[0] for x in xs), locations(xs[0].shape, conv)), xs[0])
+        start = 0
+        for x in xs:
+            sample_inputs(x, conv, joint, fold, out[start : start + x.shape[0]])
+            start += x.shape[0]
+        return out.reshape(sum(sizes), -1, out.shape[-1])
 
     def _gradients(self, read: tuple, conv, n: int, check: bool):
         """One key's gradients of one vector as ``[1, n, S_key, C_out]``."""
