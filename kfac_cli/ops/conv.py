@@ -10,7 +10,7 @@ odd one on the right. Pure Python: no torch import.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from functools import lru_cache
 from math import prod
@@ -139,6 +139,18 @@ class ConvParams:
             return tuple((p, p) for p in self.padding)  # type: ignore[misc]
         return tuple(tuple(p) for p in self.padding)  # type: ignore[misc]
 
+    def dims(self, input_size: Sequence[int]) -> Iterator[tuple[int, int, int, int, int, int]]:
+        """Per spatial dim: input size, kernel, stride, dilation, left padding, output size."""
+        lefts = (left for left, _ in self.pads())
+        return zip(
+            input_size,
+            self.kernel_size,
+            self.stride,
+            self.dilation,
+            lefts,
+            self.output_size(input_size),
+        )
+
     def output_size(self, input_size: Sequence[int]) -> tuple[int, ...]:
         """``O = floor((I + P_l + P_r - D*(K-1) - 1) / S) + 1`` per spatial dim.
 
@@ -222,14 +234,7 @@ class ConvParams:
 
 @lru_cache(maxsize=256)
 def _reads_every_input(params: ConvParams, size: tuple[int, ...]) -> bool:
-    for i, k, s, d, (left, _), o in zip(
-        size,
-        params.kernel_size,
-        params.stride,
-        params.dilation,
-        params.pads(),
-        params.output_size(size),
-    ):
+    for i, k, s, d, left, o in params.dims(size):
         read = {start + j * d - left for start in range(0, o * s, s) for j in range(k)}
         if not read.issuperset(range(i)):
             return False

@@ -387,14 +387,7 @@ def _tap_boxes(size: Sequence[int], params: ConvParams) -> list[Box] | None:
     if params.padding_mode != "zeros":
         return None
     per_dim = []
-    for i, k, s, d, (left, _), o in zip(
-        size,
-        params.kernel_size,
-        params.stride,
-        params.dilation,
-        params.pads(),
-        params.output_size(size),
-    ):
+    for i, k, s, d, left, o in params.dims(size):
         cuts = {0, o}
         for j in range(k):  # tap j reads an input at outputs first..end-1
             first, end = -(-(left - j * d) // s), (i - 1 + left - j * d) // s + 1
