@@ -31,7 +31,7 @@ from kfac_cli.ops.ekfac import (
     split_eigenbasis,
     strategy,
 )
-from kfac_cli.ops.factors import locations, loss_correction
+from kfac_cli.ops.factors import locations
 
 # Samples summed in the accumulation dtype before the float64 total takes them: float32's
 # rounding over so few stays within a few units of 1e-6, and the float64 total keeps it so.
@@ -157,7 +157,7 @@ class Corrections:
             per = chunk_samples(s, w.c_out, w.d, group, budget, method)
             groups = [range(v, min(v + group, vectors)) for v in range(0, vectors, group)]
             shapes = tuple((act.infos[k].shape[0] // samples, act.infos[k].shape[1:]) for k in keys)
-            mine = (keys, shapes, vectors, self._alpha(f), per)
+            mine = (keys, shapes, vectors, acc.loss_scale(samples), per)
             for s0 in range(start, stop, per):
                 s1 = min(stop, s0 + per)
                 joinable = len(keys) == 1 and len(groups) == 1 and mine == tag
@@ -168,17 +168,6 @@ class Corrections:
                 held_groups, tag, size = groups, mine, size + s1 - s0
         if held:
             yield held, tag[0], held_groups
-
-    def _alpha(self, f: int) -> float:
-        """The loss correction ``c`` of file ``f``'s samples."""
-        conventions = self.acc.agreed
-        return loss_correction(
-            conventions.loss_reduction,
-            self.acc.batches[f],
-            conventions.terms,
-            self.acc.n,
-            conventions.mc_samples,
-        )
 
     def _row_reads(self, parts, keys: list[str], groups):
         """``(source, key, rows, shape, row length)`` of one chunk: each part's activations
@@ -246,7 +235,7 @@ class Corrections:
                 a = self._rows(reads, sizes, conv, joint, check, rows)
             else:  # (one part)
                 a = _joined([self._inputs(next(reads), conv, joint, n, check) for _ in keys], 1)
-            alpha = self._alpha(parts[0][0])
+            alpha = acc.loss_scale(acc.batches[parts[0][0]])
             for group in groups:
                 g = _joined(
                     [

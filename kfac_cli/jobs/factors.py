@@ -847,14 +847,7 @@ class _Accumulator:
                 a_fold.add(rows, 1.0 / self.n)
         else:
             a = a_sum().zero_()
-
-            def a_scale(samples: int, info) -> float:
-                # per sample: its rows' locations, and the rows a leading axis folds into
-                # one sample (Swin's windows; 1 for an input computed once per batch)
-                lead = info.shape[0]
-                fold = lead // samples if lead % samples == 0 else 1
-                return 1.0 / (locations(info.shape, conv) * fold * self.n)
-
+            a_scale = partial(self._a_scale, conv)
             for x, alpha in self._coalesced(self._chunks_of(w, grads=False), a_scale, 0):
                 input_covariance(
                     x, conv, self.approx, bias, out=a, alpha=alpha, scratch=self.scratch
@@ -864,23 +857,14 @@ class _Accumulator:
                 g_fold = RowGram(g_sum, rows_per_fold(w.c_out), self.scratch, "g_rows")
             else:
                 g = g_sum().zero_()
-
-            def g_scale(samples: int, _) -> float:
-                return loss_correction(
-                    self.agreed.loss_reduction,
-                    samples,
-                    self.agreed.terms,
-                    self.n,
-                    self.agreed.mc_samples,
-                )
-
             if reduce:
-                for samples, info, grad, check in self._chunks_of(w, grads=True):
+                for samples, _, grad, check in self._chunks_of(w, grads=True):
                     rows = gradient_rows(grad, conv is not None, self.approx)
                     check(rows)  # a reduce row sums every location of its sample
-                    g_fold.add(rows, g_scale(samples, info))
+                    g_fold.add(rows, self.loss_scale(samples))
             else:
-                for grad, c in self._coalesced(self._chunks_of(w, grads=True), g_scale, 1):
+                chunks = self._chunks_of(w, grads=True)
+                for grad, c in self._coalesced(chunks, self.loss_scale, 1):
                     gram(gradient_rows(grad, conv is not None, self.approx), g, c)
         factors = {"A": a_fold.finish() if reduce else a}
         if self.grads:
@@ -906,6 +890,21 @@ class _Accumulator:
                 vals, vecs = factor_eigh(full, None, key)
                 self.done[f"{key}.eigenvalues"] = vals
                 self.done[f"{key}.eigenvectors"] = vecs
+
+    def _a_scale(self, conv, samples: int, info) -> float:
+        """``A``'s scale of a chunk of a file of ``samples`` samples: per sample, its rows'
+        locations and the rows a leading axis folds into one sample (Swin's windows; 1
+        for an input computed once per batch)."""
+        lead = info.shape[0]
+        fold = lead // samples if lead % samples == 0 else 1
+        return 1.0 / (locations(info.shape, conv) * fold * self.n)
+
+    def loss_scale(self, samples: int, _info=None) -> float:
+        """The loss correction ``c`` of a file of ``samples`` samples: ``G``'s scale, and
+        EKFAC's corrections' (:class:`~kfac_cli.jobs.ekfac.Corrections`)."""
+        return loss_correction(
+            self.agreed.loss_reduction, samples, self.agreed.terms, self.n, self.agreed.mc_samples
+        )
 
     def _coalesced(self, chunks, scale, dim: int):
         """``(tensor, scale)`` of a layer's chunks (:meth:`_chunks_of`, each checked),
