@@ -58,19 +58,15 @@ def sample_inputs(
             are zero: the rows are written into it and returned zero-padded to ``W``
             (what :func:`add_corrections` pads them to), ``[n, S, W]``.
     """
-    if out is not None:
-        d = (x.shape[-1] if params is None else params.patch_size(x.shape[1])) + bias_column
-        if params is None:
-            out[..., : d - bias_column].copy_(x.reshape(out.shape[0], -1, x.shape[-1]))
-            if bias_column:
-                out[..., d - 1] = 1
-        else:
-            conv_patches(x, params, bias_column, out=out[..., :d])
-        return out.reshape(x.shape[0] // fold, -1, out.shape[-1])
+    d = (x.shape[-1] if params is None else params.patch_size(x.shape[1])) + bias_column
+    into = None if out is None else out[..., :d]  # the rows' own columns of the buffer
     rows = (
-        linear_patches(x, bias_column) if params is None else conv_patches(x, params, bias_column)
+        linear_patches(x, bias_column, into)
+        if params is None
+        else conv_patches(x, params, bias_column, out=into)
     )
-    return rows.reshape(x.shape[0] // fold, -1, rows.shape[-1])
+    wide = rows if out is None else out
+    return wide.reshape(x.shape[0] // fold, -1, wide.shape[-1])
 
 
 def sample_gradients(g: Tensor, conv: bool, fold: int) -> Tensor:

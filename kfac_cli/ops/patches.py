@@ -390,16 +390,20 @@ def conv_averaged_patches(
     return out.to(narrow)  # summed wide, cast once
 
 
-def linear_patches(x: Tensor, bias_column: bool = False) -> Tensor:
-    """KFAC-expand input of a linear layer: ``[B, ..., d_in] -> [B, S, d_in (+1)]``."""
+def linear_patches(x: Tensor, bias_column: bool = False, out: Tensor | None = None) -> Tensor:
+    """KFAC-expand input of a linear layer: ``[B, ..., d_in] -> [B, S, d_in (+1)]``
+    (written into ``out`` if given, as :func:`conv_patches` does)."""
     _check_dtype(x)
     if x.ndim < 2:
         raise KfacError(None, None, "rank >= 2 [B, ..., d_in]", f"shape {list(x.shape)}")
     flat = x.reshape(x.shape[0], prod(x.shape[1:-1]), x.shape[-1])
-    if not bias_column:
+    if out is None and not bias_column:
         return flat.contiguous()
-    out = _with_bias_column(flat.shape, True, flat)
-    out[..., :-1] = flat
+    if out is None:
+        out = _with_bias_column(flat.shape, True, flat)
+    elif bias_column:
+        out[..., -1] = 1
+    out[..., : flat.shape[-1]] = flat
     return out
 
 
